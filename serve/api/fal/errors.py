@@ -1,0 +1,70 @@
+"""fal's error model (api-spec §2.7): the one place that turns failures into fal responses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+
+from serve.api.services import ApiError
+from serve.engine.types import EngineInputError, EngineUnavailable
+from serve.media.intake import ImageDownloadError, MediaError
+
+log = logging.getLogger(__name__)
+
+_DOCS = "https://docs.fal.ai/errors/#"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return str(value)
+
+
+def validation_error(exc: ValidationError) -> ApiError:
+    detail = []
+    for err in exc.errors(include_url=False):
+        item = {"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"], "input": _json_safe(err["input"])}
+        if "ctx" in err:
+            item["ctx"] = _json_safe(err["ctx"])
+        detail.append(item)
+    return ApiError(422, {"detail": detail})
+
+
+def field_error(field: str, msg: str, error_type: str, value: Any) -> ApiError:
+    item = {"loc": ["body", field], "msg": msg, "type": error_type, "input": _json_safe(value)}
+    if error_type in ("file_download_error", "image_load_error"):
+        item["url"] = _DOCS + error_type
+    return ApiError(422, {"detail": [item]})
+
+
+def flat_error(status_code: int, detail: str, error_type: str | None = None) -> ApiError:
+    body: dict[str, Any] = {"detail": detail}
+    headers = {}
+    if error_type:
+        body["error_type"] = error_type
+        headers["x-fal-error-type"] = error_type
+    return ApiError(status_code, body, headers)
+
+
+def to_fal_error(exc: Exception, *, image_url: str | None = None, prompt: str | None = None) -> ApiError:
+    """Map any failure of a fal request to its fal response."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return validation_error(exc)
+    if isinstance(exc, ImageDownloadError):
+        return field_error("image_url", str(exc), "file_download_error", image_url)
+    if isinstance(exc, MediaError):
+        return field_error("image_url", str(exc), "image_load_error", image_url)
+    if isinstance(exc, EngineInputError):
+        return field_error("prompt", str(exc), "value_error", prompt)
+    if isinstance(exc, EngineUnavailable):
+        return flat_error(503, "The model runner is unavailable; try again.", "runner_disconnected")
+    log.exception("unexpected error in a fal request")
+    return flat_error(500, "Internal Server Error", "internal_server_error")

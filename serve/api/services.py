@@ -1,0 +1,38 @@
+"""What the routers share: config, keys, engine, image intake. One instance per ingress replica."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from serve.auth import KeyRing
+from serve.config import ServeConfig
+from serve.engine.types import Engine
+from serve.media.intake import ImageIntake
+
+
+@dataclass
+class Services:
+    config: ServeConfig
+    keys: KeyRing
+    engine: Engine
+    media: ImageIntake
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+class ApiError(Exception):
+    """An error already in the wire shape of the API it came through."""
+
+    def __init__(self, status_code: int, body: dict, headers: dict[str, str] | None = None):
+        super().__init__(f"{status_code}: {body}")
+        self.status_code = status_code
+        self.body = body
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status_code, headers=self.headers)

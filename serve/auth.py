@@ -1,0 +1,93 @@
+"""API keys: the keys file, and looking a presented key up in constant time.
+
+A key never leaves this module: everything downstream (logs, metrics, job owners) uses the
+entry's `name`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from serve.config import ConfigError, LimitsConfig
+
+
+class KeyEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str = Field(min_length=8, description="The secret clients send.", repr=False)
+    name: str = Field(min_length=1, description="Who owns the key; used in logs, metrics and job ownership.")
+    rate_per_minute: int | None = Field(None, gt=0, description="Override of the default rate limit.")
+    max_concurrent: int | None = Field(None, gt=0, description="Override of the default concurrency cap.")
+
+
+class Caller(BaseModel):
+    """An authenticated caller, as the rest of the service sees it (no key inside)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    rate_per_minute: int
+    max_concurrent: int
+
+
+_ENTRIES = TypeAdapter(list[KeyEntry])
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class KeyRing:
+    def __init__(self, entries: list[KeyEntry], limits: LimitsConfig):
+        names = [e.name for e in entries]
+        if len(set(names)) != len(names):
+            raise ValueError("key names must be unique")
+        if len({e.key for e in entries}) != len(entries):
+            raise ValueError("keys must be unique")
+        # Compare fixed-length digests so neither the key's length nor its content leaks through timing.
+        self._entries = [
+            (
+                _digest(e.key),
+                Caller(
+                    name=e.name,
+                    rate_per_minute=e.rate_per_minute or limits.rate_per_minute,
+                    max_concurrent=e.max_concurrent or limits.max_concurrent,
+                ),
+            )
+            for e in entries
+        ]
+
+    @classmethod
+    def load(cls, path: Path, limits: LimitsConfig) -> KeyRing:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+            return cls(_ENTRIES.validate_python(data or []), limits)
+        except OSError as exc:
+            raise ConfigError(str(path), [f"auth.keys_file: cannot read: {exc.strerror}"]) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(str(path), [f"auth.keys_file: not valid YAML: {exc}"]) from None
+        except ValidationError as exc:
+            # Never echo the input: it is a secret.
+            errs = [
+                f"auth.keys_file[{'.'.join(str(p) for p in e['loc'])}]: {e['msg']}"
+                for e in exc.errors(include_url=False, include_input=False)
+            ]
+            raise ConfigError(str(path), errs) from None
+        except ValueError as exc:
+            raise ConfigError(str(path), [f"auth.keys_file: {exc}"]) from None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def authenticate(self, presented: str) -> Caller | None:
+        digest = _digest(presented)
+        found = None
+        for known, caller in self._entries:  # no early exit: every lookup costs the same
+            if hmac.compare_digest(known, digest):
+                found = caller
+        return found

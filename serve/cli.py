@@ -1,0 +1,107 @@
+"""`llava-serve run | check | tiny-model`."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from serve.config import ConfigError, ServeConfig, load_config
+
+
+def check(cfg: ServeConfig) -> list[str]:
+    """Validate a loaded config end to end without starting anything; returns 'field: message' errors."""
+    from serve.app import build_app
+    from serve.auth import KeyRing
+    from serve.engine.vllm_engine import build_engine_args
+
+    errors: list[str] = []
+    if cfg.model.source.startswith("/") and not Path(cfg.model.source).is_dir():
+        errors.append(
+            f"model.source: no such directory {cfg.model.source} "
+            "(the embedded default's model is built by `llava-serve tiny-model DIR`)"
+        )
+    try:
+        KeyRing.load(cfg.auth.keys_file, cfg.limits)
+    except ConfigError as exc:
+        errors += exc.errors
+    try:
+        build_engine_args(cfg)
+    except Exception as exc:  # vLLM raises TypeError/ValueError for unknown or bad arguments
+        errors.append(f"engine: vLLM rejects the engine arguments: {exc}")
+    try:
+        build_app(cfg)
+    except Exception as exc:  # Serve validates deployment options when they are applied
+        errors.append(f"engine_deployment/ingress: Ray Serve rejects the deployment options: {exc}")
+    return errors
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+        errors = check(cfg)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if errors:
+        print(ConfigError(args.config, errors), file=sys.stderr)
+        return 1
+    e = cfg.engine
+    print(
+        f"{args.config}: OK — model {cfg.model.source} ({cfg.model.dtype}), max_model_len {e.max_model_len}, "
+        f"max_num_seqs {e.max_num_seqs}, engine max_ongoing_requests {cfg.engine_max_ongoing_requests()}, "
+        f"HTTP {cfg.http.host}:{cfg.http.port}, store {cfg.store.backend}"
+    )
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from serve.app import start_local, stop_local
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        start_local(cfg)
+        print(f"llava-serve: ready on http://{cfg.http.host}:{cfg.http.port} (Ctrl-C stops)", flush=True)
+        stop.wait()
+    finally:
+        print("llava-serve: shutting down", flush=True)
+        stop_local()
+    return 0
+
+
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from serve.engine.tiny_model import build_tiny_model
+
+    out = build_tiny_model(Path(args.dir), seed=args.seed)
+    print(f"tiny LLaVA model written to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llava-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="serve a config on a local Ray until Ctrl-C")
+    p.add_argument("config")
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("check", help="validate a config end to end without starting anything")
+    p.add_argument("config")
+    p.set_defaults(func=_cmd_check)
+    p = sub.add_parser("tiny-model", help="write the tiny random LLaVA-1.5-architecture model")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_tiny_model)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

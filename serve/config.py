@@ -1,0 +1,249 @@
+"""Pydantic models of the whole deployment, loaded from `configs/*.yaml`.
+
+Every model forbids unknown keys so a misspelt setting fails `llava-serve check` instead of being
+silently ignored. Relative paths in a config file are resolved against the file's own directory,
+so a config means the same thing whatever directory it is run from (Ray workers have their own).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LLAVA_V1_TEMPLATE = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions. "
+    "USER: <image>\n{prompt} ASSISTANT:"
+)
+
+ENV_KEYS_FILE = "LLAVA_SERVE_KEYS_FILE"
+ENV_PORT = "PORT"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    source: str = Field(
+        description="Hugging Face repo id (e.g. llava-hf/llava-1.5-13b-hf) or a local directory; "
+        "a value starting with '.' or '/' is a path, resolved against the config file's directory."
+    )
+    served_name: str = Field("llava-1.5-13b", description="Name reported in logs and metrics.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Weight and activation dtype passed to vLLM."
+    )
+    prompt_template: str = Field(
+        LLAVA_V1_TEMPLATE,
+        description="The model's conversation template (LLaVA-1.5: llava_v1). '{prompt}' is replaced "
+        "by the user's prompt; the image token marks where the image features go.",
+    )
+    image_token: str = Field("<image>", description="The tokenizer's image placeholder token.")
+
+    @model_validator(mode="after")
+    def _template_has_slots(self) -> ModelConfig:
+        if self.prompt_template.count("{prompt}") != 1:
+            raise ValueError("prompt_template must contain '{prompt}' exactly once")
+        if self.prompt_template.count(self.image_token) != 1:
+            raise ValueError(f"prompt_template must contain the image token {self.image_token!r} exactly once")
+        return self
+
+    def render_prompt(self, prompt: str) -> str:
+        # str.replace, not str.format: the template may legitimately contain braces.
+        return self.prompt_template.replace("{prompt}", prompt)
+
+
+class EngineConfig(_Strict):
+    max_model_len: int = Field(4096, gt=0, description="Context length in tokens (prompt incl. image tokens + output).")
+    max_num_seqs: int = Field(
+        16, gt=0, description="Sequences vLLM batches at once; also bounds the engine replica's ongoing requests."
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Fraction of GPU memory vLLM may use (GPU only; None = vLLM's default)."
+    )
+    kv_cache_memory_bytes: int | None = Field(
+        None, gt=0, description="Explicit KV-cache size in bytes; required on CPU, where vLLM otherwise guesses."
+    )
+    kv_cache_dtype: str = Field("auto", description="KV-cache dtype ('auto', 'fp8', ...).")
+    enforce_eager: bool = Field(False, description="Skip torch.compile/CUDA graphs: faster start, slower steps.")
+    max_num_batched_tokens: int | None = Field(
+        None, gt=0, description="Token budget per scheduler step (None = vLLM's default)."
+    )
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict, description="Further vLLM AsyncEngineArgs fields, passed through verbatim."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables set in the engine replica's process."
+    )
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle.")
+    max_replicas: int = Field(1, ge=1, description="Upper bound on replicas.")
+    target_ongoing_requests: float = Field(
+        gt=0, description="Ongoing requests per replica that autoscaling aims for."
+    )
+    upscale_delay_s: float = Field(30.0, ge=0, description="Sustained demand needed before adding replicas.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Sustained idleness needed before removing replicas.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class DeploymentConfig(_Strict):
+    num_replicas: int = Field(1, ge=1, description="Fixed replica count, used when autoscaling is not set.")
+    autoscaling: AutoscalingConfig | None = Field(None, description="Serve autoscaling; overrides num_replicas.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica.")
+    graceful_shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="How long a stopping replica lets in-flight requests finish."
+    )
+    health_check_period_s: float = Field(10.0, gt=0, description="Interval of Serve's replica health checks.")
+
+    def serve_options(self) -> dict[str, Any]:
+        """The `serve.deployment(...).options(...)` arguments these settings stand for."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "health_check_period_s": self.health_check_period_s,
+        }
+        if self.autoscaling is None:
+            opts["num_replicas"] = self.num_replicas
+        else:
+            opts["autoscaling_config"] = self.autoscaling.model_dump()
+        return opts
+
+
+class IngressConfig(DeploymentConfig):
+    num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per ingress replica.")
+    max_ongoing_requests: int = Field(
+        256, gt=0, description="HTTP requests one ingress replica holds at once (they mostly await the engine)."
+    )
+    readiness_timeout_s: float = Field(5.0, gt=0, description="How long /readyz waits for the engine's health check.")
+
+
+class HttpConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Port of the Serve HTTP proxy (env PORT overrides).")
+
+
+class AuthConfig(_Strict):
+    keys_file: Path = Field(
+        description="YAML list of API keys {key, name, rate_per_minute?, max_concurrent?} "
+        "(env LLAVA_SERVE_KEYS_FILE overrides)."
+    )
+
+
+class LimitsConfig(_Strict):
+    rate_per_minute: int = Field(60, gt=0, description="Default generation requests per key per rolling 60 s.")
+    max_concurrent: int = Field(10, gt=0, description="Default in-flight generation requests per key.")
+
+
+class MediaConfig(_Strict):
+    fetch_timeout_s: float = Field(10.0, gt=0, description="Total deadline for downloading one image URL.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest image accepted, encoded.")
+    max_image_pixels: int = Field(
+        40_000_000, gt=0, description="Largest image accepted, decoded (refused before decoding: bomb guard)."
+    )
+
+
+class StoreConfig(_Strict):
+    backend: Literal["ray_actor", "redis"] = Field(
+        "ray_actor", description="Where jobs and limit counters live: a named Ray actor or Redis."
+    )
+    redis_url: str | None = Field(None, description="Redis URL, required when backend is redis.")
+    result_ttl_s: float = Field(3600.0, gt=0, description="How long finished job results stay readable.")
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> StoreConfig:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("redis_url is required when backend is 'redis'")
+        return self
+
+
+class ServeConfig(_Strict):
+    app_name: str = Field("llava", description="Ray Serve application name.")
+    model: ModelConfig = Field(description="The model and its prompt template.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
+    engine_deployment: DeploymentConfig = Field(
+        default_factory=DeploymentConfig, description="Replicas and resources of the engine (LLMServer) deployment."
+    )
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="The HTTP ingress deployment.")
+    http: HttpConfig = Field(default_factory=HttpConfig, description="Where the Serve HTTP proxy listens.")
+    auth: AuthConfig = Field(description="API keys.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-key limit defaults.")
+    media: MediaConfig = Field(default_factory=MediaConfig, description="Image intake bounds.")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="Job store and limiter backend.")
+
+    @field_validator("app_name")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("app_name must not be empty")
+        return v
+
+    def engine_max_ongoing_requests(self) -> int:
+        # A full batch, not Ray's default of 5: every request the engine can batch must reach it,
+        # the rest wait in Serve's router where autoscaling can see them.
+        return self.engine.max_num_seqs
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; `errors` lists 'field.path: message' lines."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.errors = errors
+        super().__init__(f"{source}: invalid config\n" + "\n".join(f"  {e}" for e in errors))
+
+
+def _field_errors(exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+        out.append(f"{where}: {err['msg']}{got}")
+    return out
+
+
+def _is_path(source: str) -> bool:
+    return source.startswith((".", "/", "~"))
+
+
+def parse_config(data: Any, base_dir: Path, env: Mapping[str, str], source: str = "config") -> ServeConfig:
+    """Validate raw config data, resolve relative paths against `base_dir`, apply env overrides."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): expected a mapping of settings"])
+    data = dict(data)
+    if env.get(ENV_KEYS_FILE):
+        # A path from the environment is relative to where the command runs, not to the file.
+        data["auth"] = {**(data.get("auth") or {}), "keys_file": Path(env[ENV_KEYS_FILE]).expanduser().resolve()}
+    if env.get(ENV_PORT):
+        data["http"] = {**(data.get("http") or {}), "port": env[ENV_PORT]}
+    try:
+        cfg = ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _field_errors(exc)) from None
+
+    model = cfg.model
+    if _is_path(model.source):
+        model = model.model_copy(update={"source": str((base_dir / Path(model.source).expanduser()).resolve())})
+    keys_file = (base_dir / cfg.auth.keys_file.expanduser()).resolve()
+    return cfg.model_copy(update={"model": model, "auth": AuthConfig(keys_file=keys_file)})
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> ServeConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(str(path), [f"(file): cannot read: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"(file): not valid YAML: {exc}"]) from None
+    return parse_config(data, path.parent.resolve(), os.environ if env is None else env, str(path))

@@ -1,0 +1,49 @@
+"""The engine as a Ray Serve deployment, and the handle adaptor the ingress talks to."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from serve.config import ServeConfig
+from serve.engine.types import GenerationRequest, StreamItem
+from serve.engine.vllm_engine import VLLMEngine
+
+
+class LLMServer:
+    """One vLLM engine per replica (one GPU in production). Applied as a deployment by `serve.app`."""
+
+    def __init__(self, cfg: ServeConfig):
+        self._engine = VLLMEngine(cfg)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        async for item in self._engine.generate(request):
+            yield item
+
+    async def check_health(self) -> None:
+        # Serve calls this periodically: a dead engine fails it and Serve replaces the replica.
+        await self._engine.check_health()
+
+    def stats(self) -> dict[str, int]:
+        return self._engine.stats()
+
+    def __del__(self) -> None:
+        # Serve calls __del__ on graceful shutdown; release the engine core and its memory.
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+class HandleEngine:
+    """The `Engine` interface over a DeploymentHandle to LLMServer."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self._streaming = handle.options(stream=True)
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        # Cancelling the consumer of this generator cancels the replica's call, which aborts
+        # the request inside vLLM.
+        return self._streaming.generate.remote(request)
+
+    async def check_health(self) -> None:
+        await self._handle.check_health.remote()

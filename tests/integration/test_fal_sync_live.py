@@ -1,0 +1,125 @@
+"""fal's synchronous run through the whole real path: HTTP -> Serve ingress -> LLMServer -> vLLM (CPU)."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import fal_client
+import fal_client.client
+import pytest
+import requests
+from transformers import AutoTokenizer
+
+from serve.engine.tiny_model import IMAGE_SEQ_LENGTH
+from tests.conftest import LOCAL_KEY, ROOT, data_uri
+
+APP = "fal-ai/llavav15-13b"
+AUTH = {"Authorization": f"Key {LOCAL_KEY}"}
+
+
+def run(base, timeout=120, **kw):
+    body = {"prompt": "What is in this picture?", "image_url": data_uri(), "temperature": 0, **kw}
+    return requests.post(f"{base}/{APP}", json=body, headers=AUTH, timeout=timeout)
+
+
+def expected_input_tokens(model_dir, cfg, prompt):
+    # The templated prompt's tokens (BOS included) with the one <image> token expanded to 576.
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return len(tok(cfg.model.render_prompt(prompt)).input_ids) - 1 + IMAGE_SEQ_LENGTH
+
+
+def test_answer_with_token_counts_including_image_tokens(stack, stack_config, tiny_model_dir):
+    resp = run(stack, max_new_tokens=12)
+    assert resp.status_code == 200, resp.text
+    uuid.UUID(resp.headers["x-fal-request-id"])
+    out = resp.json()
+    assert out["partial"] is False
+    assert out["stats"] == {
+        "num_input_tokens": expected_input_tokens(tiny_model_dir, stack_config, "What is in this picture?"),
+        "num_output_tokens": 12,
+    }
+    assert len(out["output"]) == 12  # the tiny model's greedy tokens are one ASCII character each
+
+
+@pytest.mark.parametrize("field, n", [("max_new_tokens", 1), ("max_new_tokens", 37), ("max_tokens", 5)])
+def test_max_new_tokens_is_honoured(stack, field, n):
+    out = run(stack, **{field: n}).json()
+    assert out["stats"]["num_output_tokens"] == n and len(out["output"]) == n
+
+
+def test_greedy_is_deterministic_and_the_image_reaches_the_model(stack):
+    a1 = run(stack, max_new_tokens=24).json()["output"]
+    a2 = run(stack, max_new_tokens=24).json()["output"]
+    other = run(stack, max_new_tokens=24, image_url=data_uri((300, 200), "JPEG", (20, 220, 90))).json()["output"]
+    assert a1 == a2
+    assert other != a1
+
+
+def test_prompt_longer_than_the_context_is_a_422(stack):
+    resp = run(stack, prompt="x" * 5000)  # one token per byte: past max_model_len 4096
+    assert resp.status_code == 422, resp.text
+    item = resp.json()["detail"][0]
+    assert item["loc"] == ["body", "prompt"] and "4096" in item["msg"]
+
+
+def test_concurrent_requests_are_batched(stack, engine_stats):
+    n, tokens = 8, 256
+    t0 = time.perf_counter()
+    assert run(stack, max_new_tokens=tokens).status_code == 200
+    one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(lambda _: run(stack, max_new_tokens=tokens), range(n)))
+    together = time.perf_counter() - t0
+    print(f"\nbatching: 1 request {one:.2f} s, {n} concurrent {together:.2f} s ({together / one:.1f}x one)")
+    assert all(r.status_code == 200 for r in results)
+    assert all(r.json()["stats"]["num_output_tokens"] == tokens for r in results)
+    # All n were inside the engine at once (Serve's max_ongoing_requests let them through) ...
+    assert engine_stats()["peak_running"] >= n
+    # ... and continuous batching made that pay: far less than n sequential requests' time.
+    assert together < n * one / 2
+
+
+def test_client_disconnect_aborts_the_engine_request(stack, engine_stats):
+    before = engine_stats()
+    with pytest.raises(requests.Timeout):
+        run(stack, max_new_tokens=2048, timeout=1.0)  # the client gives up and closes the socket
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        now = engine_stats()
+        if now["aborted"] > before["aborted"] and now["running"] == 0:
+            break
+        time.sleep(0.2)
+    assert now["aborted"] == before["aborted"] + 1, now
+    assert now["running"] == 0 and now["finished"] == before["finished"], now
+
+
+def test_ready(stack):
+    assert requests.get(f"{stack}/readyz", timeout=10).json() == {"status": "ready"}
+    assert requests.get(f"{stack}/healthz", timeout=10).json() == {"status": "ok"}
+
+
+def test_real_python_fal_client(stack, monkeypatch):
+    monkeypatch.setattr(fal_client.client, "RUN_URL_FORMAT", f"{stack}/")
+    client = fal_client.SyncClient(key=LOCAL_KEY)
+    out = client.run(APP, arguments={"prompt": "Describe", "image_url": data_uri(), "max_new_tokens": 8})
+    assert out["partial"] is False and out["stats"]["num_output_tokens"] == 8 and len(out["output"]) == 8
+    with pytest.raises(fal_client.client.FalClientHTTPError) as exc:
+        client.run(APP, arguments={"image_url": data_uri()})
+    assert exc.value.status_code == 422
+    assert exc.value.response.json()["detail"][0]["loc"] == ["body", "prompt"]
+
+
+def test_readme_example_works(stack):
+    """The README's curl example, sent as written (port aside), answers."""
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"curl -s http://127\.0\.0\.1:8000(/\S+) \\\n\s+-H '([^']+)' \\\n\s+-H '([^']+)' \\\n\s+-d '([^']+)'", readme)
+    assert match, "README lost its curl example"
+    path, h1, h2, data = match.groups()
+    headers = dict(h.split(": ", 1) for h in (h1, h2))
+    resp = requests.post(f"{stack}{path}", data=data, headers=headers, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["stats"]["num_output_tokens"] > 0

@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve.config import ConfigError, load_config, parse_config
+from tests.conftest import CONFIGS
+
+
+def test_shipped_configs_load_with_resolved_paths():
+    local = load_config(CONFIGS / "local-cpu.yaml", env={})
+    assert Path(local.model.source).is_absolute() and local.model.source.endswith(".cache/tiny-llava")
+    assert local.auth.keys_file == (CONFIGS / "keys.local.yaml").resolve()
+    assert local.http.host == "127.0.0.1" and local.http.port == 8000
+
+    prod = load_config(CONFIGS / "llava-1.5-13b-l40s.yaml", env={})
+    assert prod.model.source == "llava-hf/llava-1.5-13b-hf"  # a repo id stays a repo id
+    assert prod.model.dtype == "float16" and prod.store.backend == "redis"
+    assert prod.engine_deployment.num_gpus == 1
+
+
+def test_engine_ongoing_requests_follow_max_num_seqs():
+    prod = load_config(CONFIGS / "llava-1.5-13b-l40s.yaml", env={})
+    assert prod.engine_max_ongoing_requests() == prod.engine.max_num_seqs == 24
+
+
+def test_env_overrides_port_and_keys_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(CONFIGS / "local-cpu.yaml", env={"PORT": "9123", "LLAVA_SERVE_KEYS_FILE": "my-keys.yaml"})
+    assert cfg.http.port == 9123
+    assert cfg.auth.keys_file == tmp_path / "my-keys.yaml"  # relative to where the command runs
+
+
+def _raw() -> dict:
+    return yaml.safe_load((CONFIGS / "local-cpu.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d["engine"].update(max_num_seqs=0), "engine.max_num_seqs: Input should be greater than 0"),
+        (lambda d: d["engine"].update(max_num_seq=4), "engine.max_num_seq: Extra inputs are not permitted"),
+        (lambda d: d["model"].update(dtype="fp17"), "model.dtype: Input should be"),
+        (lambda d: d["model"].update(prompt_template="no slots"), "model: Value error, prompt_template must contain"),
+        (lambda d: d.pop("auth"), "auth: Field required"),
+        (lambda d: d["store"].update(backend="redis"), "store: Value error, redis_url is required"),
+        (
+            lambda d: d["engine_deployment"].update(autoscaling={"min_replicas": 3, "max_replicas": 2,
+                                                                 "target_ongoing_requests": 4}),
+            "engine_deployment.autoscaling: Value error, min_replicas must not exceed max_replicas",
+        ),
+    ],
+)
+def test_errors_name_the_field(mutate, expected):
+    data = _raw()
+    mutate(data)
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data, CONFIGS, env={})
+    assert any(e.startswith(expected) for e in exc.value.errors), exc.value.errors
+
+
+def test_bad_yaml_and_missing_file_are_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, env={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml", env={})
+
+
+def test_prompt_template_is_llava_v1_and_keeps_braces():
+    cfg = load_config(CONFIGS / "local-cpu.yaml", env={})
+    text = cfg.model.render_prompt("What is {this}?")
+    assert text.endswith("USER: <image>\nWhat is {this}? ASSISTANT:")
+    assert text.startswith("A chat between a curious human and an artificial intelligence assistant.")
