@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
 from serve.config import ServeConfig
-from serve.engine.types import GenerationRequest, StreamItem
+from serve.engine.types import EngineUnavailable, GenerationRequest, StreamItem
 from serve.engine.vllm_engine import VLLMEngine
 
 
@@ -40,10 +43,22 @@ class HandleEngine:
         self._handle = handle
         self._streaming = handle.options(stream=True)
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
-        # Cancelling the consumer of this generator cancels the replica's call, which aborts
-        # the request inside vLLM.
-        return self._streaming.generate.remote(request)
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        response = self._streaming.generate.remote(request)
+        finished = False
+        try:
+            async for item in response:
+                yield item
+            finished = True
+        except RayTaskError:
+            raise  # the replica's own exception (EngineInputError etc. arrive as themselves)
+        except (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
+            raise EngineUnavailable(f"no engine replica could serve the request: {type(exc).__name__}") from exc
+        finally:
+            # A consumer that stops early (client gone) cancels the replica's call, and with it
+            # the request inside vLLM. (Cancellation of the awaiting task propagates by itself.)
+            if not finished:
+                response.cancel()
 
     async def check_health(self) -> None:
         await self._handle.check_health.remote()

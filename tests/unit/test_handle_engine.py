@@ -1,0 +1,78 @@
+"""HandleEngine: Ray's failures become EngineUnavailable; stopping early cancels the replica call."""
+
+import asyncio
+
+import pytest
+from ray.exceptions import ActorDiedError
+from ray.serve.exceptions import BackPressureError
+
+from serve.engine.server import HandleEngine
+from serve.engine.types import Completion, EngineInputError, EngineUnavailable, TextDelta
+
+
+class FakeResponse:
+    def __init__(self, items, error=None):
+        self._items, self._error, self.cancelled = list(items), error, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._items:
+            return self._items.pop(0)
+        if self._error:
+            raise self._error
+        raise StopAsyncIteration
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeHandle:
+    def __init__(self, response):
+        self.response = response
+        self.generate = self
+
+    def options(self, **_):
+        return self
+
+    def remote(self, _request):
+        return self.response
+
+
+ITEMS = [TextDelta("a", 1), TextDelta("b", 1), Completion(10, 2, "length")]
+
+
+async def drain(engine):
+    return [item async for item in engine.generate(None)]
+
+
+def test_items_pass_through_and_a_finished_call_is_not_cancelled():
+    response = FakeResponse(ITEMS)
+    assert asyncio.run(drain(HandleEngine(FakeHandle(response)))) == ITEMS
+    assert not response.cancelled
+
+
+@pytest.mark.parametrize("error", [ActorDiedError(), BackPressureError(num_queued_requests=1, max_queued_requests=1)])
+def test_ray_failures_become_engine_unavailable(error):
+    response = FakeResponse(ITEMS[:1], error)
+    with pytest.raises(EngineUnavailable):
+        asyncio.run(drain(HandleEngine(FakeHandle(response))))
+
+
+def test_the_replicas_own_errors_pass_through():
+    with pytest.raises(EngineInputError):
+        asyncio.run(drain(HandleEngine(FakeHandle(FakeResponse([], EngineInputError("too long"))))))
+
+
+def test_stopping_early_cancels_the_call():
+    response = FakeResponse(ITEMS)
+
+    async def first_only():
+        gen = HandleEngine(FakeHandle(response)).generate(None)
+        item = await gen.__anext__()
+        await gen.aclose()
+        return item
+
+    assert asyncio.run(first_only()) == ITEMS[0]
+    assert response.cancelled
