@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from serve.api.fal.routes import router as fal_router
-from serve.api.services import ApiError, Services
+from serve.api.services import Services
 from serve.auth import KeyRing
 from serve.config import ServeConfig
 from serve.engine.server import HandleEngine
@@ -18,10 +18,6 @@ from serve.media.intake import ImageIntake
 def create_app(services: Services) -> FastAPI:
     app = FastAPI(title="llava-serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.services = services
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
+from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
@@ -61,4 +63,13 @@ class HandleEngine:
                 response.cancel()
 
     async def check_health(self) -> None:
-        await self._handle.check_health.remote()
+        # Ask Serve's controller, which health-checks every replica, rather than calling a replica:
+        # a call would queue behind a full batch and make a busy engine look dead.
+        running = await asyncio.to_thread(self._running_replicas)
+        if running == 0:
+            raise EngineUnavailable("no healthy engine replica")
+
+    def _running_replicas(self) -> int:
+        app = serve.status().applications.get(self._handle.app_name)
+        deployment = app.deployments.get(self._handle.deployment_name) if app else None
+        return deployment.replica_states.get("RUNNING", 0) if deployment else 0

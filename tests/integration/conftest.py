@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 import yaml
@@ -43,3 +45,13 @@ def engine_stats(stack, stack_config):
     """Reads the engine replica's counters (running, peak_running, finished, aborted)."""
     handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=stack_config.app_name)
     return lambda: handle.stats.remote().result()
+
+
+def wait_for_abort(engine_stats, before: dict, timeout_s: float = 15.0) -> dict:
+    """Poll the engine counters until one more request was aborted and none is running."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = engine_stats()
+        if (now["aborted"] > before["aborted"] and now["running"] == 0) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.2)

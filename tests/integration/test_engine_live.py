@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -11,6 +10,7 @@ from ray import serve
 
 from serve.app import ENGINE_DEPLOYMENT
 from serve.engine.types import Completion, GenerationRequest, TextDelta
+from tests.integration.conftest import wait_for_abort
 
 
 @pytest.fixture
@@ -51,11 +51,6 @@ def test_cancelling_a_call_aborts_it_in_vllm(llm, stack_config, engine_stats):
     first = [next(gen) for _ in range(3)]
     assert all(isinstance(d, TextDelta) for d in first)
     gen.cancel()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        now = engine_stats()
-        if now["aborted"] > before["aborted"] and now["running"] == 0:
-            break
-        time.sleep(0.2)
+    now = wait_for_abort(engine_stats, before)
     assert now["aborted"] == before["aborted"] + 1 and now["running"] == 0, now
     assert now["finished"] == before["finished"], now

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from serve.engine.tiny_model import IMAGE_SEQ_LENGTH
 from tests.conftest import LOCAL_KEY, ROOT, data_uri
+from tests.integration.conftest import wait_for_abort
 
 APP = "fal-ai/llavav15-13b"
 AUTH = {"Authorization": f"Key {LOCAL_KEY}"}
@@ -87,12 +88,7 @@ def test_client_disconnect_aborts_the_engine_request(stack, engine_stats):
     before = engine_stats()
     with pytest.raises(requests.Timeout):
         run(stack, max_new_tokens=2048, timeout=1.0)  # the client gives up and closes the socket
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        now = engine_stats()
-        if now["aborted"] > before["aborted"] and now["running"] == 0:
-            break
-        time.sleep(0.2)
+    now = wait_for_abort(engine_stats, before)
     assert now["aborted"] == before["aborted"] + 1, now
     assert now["running"] == 0 and now["finished"] == before["finished"], now
 
@@ -100,6 +96,25 @@ def test_client_disconnect_aborts_the_engine_request(stack, engine_stats):
 def test_ready(stack):
     assert requests.get(f"{stack}/readyz", timeout=10).json() == {"status": "ready"}
     assert requests.get(f"{stack}/healthz", timeout=10).json() == {"status": "ok"}
+
+
+def test_a_saturated_engine_is_still_ready(stack, stack_config, engine_stats):
+    # More long requests than the engine's max_ongoing_requests: the rest queue in Serve's router,
+    # and so would any plain call to the engine (the engine_stats fixture's too: not used meanwhile).
+    cap = stack_config.engine_max_ongoing_requests()
+    with ThreadPoolExecutor(cap + 4) as pool:
+        pending = [pool.submit(run, stack, max_new_tokens=2048, timeout=6.0) for _ in range(cap + 4)]
+        time.sleep(2.0)
+        t0 = time.perf_counter()
+        ready = requests.get(f"{stack}/readyz", timeout=3)
+        print(f"\nreadyz under saturation: {1000 * (time.perf_counter() - t0):.0f} ms")
+        busy = sum(not f.done() for f in pending)
+        outcomes = [f.exception() for f in pending]
+    assert ready.status_code == 200, ready.text
+    assert busy == cap + 4 and all(isinstance(e, requests.Timeout) for e in outcomes)
+    after = wait_for_abort(engine_stats, {"aborted": 0})
+    assert after["running"] == 0
+    assert after["peak_running"] == cap  # the engine really was full when readiness was asked
 
 
 def test_real_python_fal_client(stack, monkeypatch):
