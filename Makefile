@@ -39,6 +39,11 @@ tiny-model: $(TINY)/config.json
 $(TINY)/config.json: $(STAMP) serve/engine/tiny_model.py
 	$(VENV)/bin/llava-serve tiny-model $(TINY)
 
+# Image intake vs vLLM's own loader: bytes -> model-ready image, plus the CLIP processor after it.
+.PHONY: bench-media
+bench-media: install tiny-model
+	$(PY) -m serve.media.bench
+
 # Refresh constraints.txt after changing requirements.txt (then run `make test`).
 lock:
 	$(PIP) install -q -r requirements.txt

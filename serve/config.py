@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+import PIL.Image
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, ValidationError, field_validator, model_validator
 
 LLAVA_V1_TEMPLATE = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -147,11 +148,65 @@ class LimitsConfig(_Strict):
 
 
 class MediaConfig(_Strict):
-    fetch_timeout_s: float = Field(10.0, gt=0, description="Total deadline for downloading one image URL.")
+    fetch_timeout_s: float = Field(
+        10.0, gt=0, description="Total deadline for downloading one image URL: DNS, every redirect and the body."
+    )
+    connect_timeout_s: float = Field(3.0, gt=0, description="Deadline for opening one connection (TCP and TLS).")
+    read_timeout_s: float = Field(5.0, gt=0, description="Longest wait for the next bytes of an image response.")
+    max_redirects: int = Field(
+        3, ge=0, description="Redirects followed per image URL; every hop passes the SSRF guard again."
+    )
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Largest image accepted, encoded.")
     max_image_pixels: int = Field(
         40_000_000, gt=0, description="Largest image accepted, decoded (refused before decoding: bomb guard)."
     )
+    allow_networks: tuple[IPvAnyNetwork, ...] = Field(
+        (),
+        description="CIDRs of non-public addresses (loopback, private, link-local, ...) that image URLs may "
+        "reach anyway, e.g. [10.1.2.0/24] for an internal image store. Public addresses are always allowed.",
+    )
+    allow_hosts: tuple[str, ...] = Field(
+        (),
+        description="Hostnames (exact match, ASCII/punycode form) that image URLs may reach whatever address "
+        "they resolve to.",
+    )
+    formats: tuple[str, ...] = Field(
+        ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"),
+        description="Image formats accepted (Pillow names), recognised from the bytes, never from Content-Type.",
+    )
+    # Equivalence: a multiple of the processor's shortest_edge (CLIP: 336), at least 2x it, keeps the
+    # processor's resized size identical to the unreduced path's and its pixel_values within
+    # mean |diff| <= 0.01 and max |diff| <= 0.2 in normalised units (one 8-bit grey level is ~0.015);
+    # tests/unit/test_media_decode.py checks that on 12 MP JPEGs and 8-12 MP PNGs, one per reduction path.
+    downscale_short_edge: int | None = Field(
+        672,
+        gt=0,
+        description="Images whose shortest edge is longer are reduced before they reach the engine: by an integer "
+        "factor (JPEG: decoded at 1/2, 1/4 or 1/8 scale) to a shortest edge in [this, 2x this) when the sizes "
+        "divide exactly, else resampled (bicubic) to exactly this shortest edge; the model's processor still does "
+        "the final resize. Keep it a multiple of the processor's shortest_edge, at least 2x it. null disables.",
+    )
+    cache_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="Decoded images kept in an LRU cache keyed by the hash of their encoded bytes, bounded by "
+        "their RGB size in bytes; 0 disables.",
+    )
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _normalise_hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.strip().lower().rstrip(".") for h in v)
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        PIL.Image.init()
+        names = tuple(f.upper() for f in v)
+        unknown = [f for f in names if f not in PIL.Image.OPEN]
+        if unknown:
+            raise ValueError(f"unknown image formats {unknown}; Pillow reads {sorted(PIL.Image.OPEN)}")
+        return names
 
 
 class StoreConfig(_Strict):

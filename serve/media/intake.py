@@ -1,118 +1,57 @@
 """Image intake: every image reaches the engine through `ImageIntake.load`.
 
-Accepts `data:` URIs and http(s) URLs, with a download deadline and byte cap, and decodes with a
-pixel cap checked before any pixel is decoded. (The SSRF guard and fast downscale come later.)
+`data:` URIs (datauri.py) and http(s) URLs behind the SSRF guard (fetch.py, netguard.py) become
+bytes; decode.py turns bytes into a bounded RGB image; cache.py remembers recent decodes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
-import urllib.parse
+import hashlib
 
-import httpx
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from serve.config import MediaConfig
+from serve.media.cache import ImageCache
+from serve.media.datauri import decode_data_uri
+from serve.media.decode import decode_image
+from serve.media.errors import ImageDownloadError, ImageLoadError, MediaError
+from serve.media.fetch import Fetcher
 
-
-class MediaError(ValueError):
-    """An image that cannot be used; `message` is safe to show the caller."""
-
-
-class ImageDownloadError(MediaError):
-    """The URL could not be fetched (unreachable, error status, too slow, too large)."""
-
-
-class ImageLoadError(MediaError):
-    """The bytes are not a usable image, or the reference is malformed."""
-
-
-def decode_data_uri(uri: str, max_bytes: int) -> bytes:
-    header, sep, payload = uri[len("data:") :].partition(",")
-    if not sep:
-        raise ImageLoadError("Malformed data URI: expected 'data:[<mime>][;base64],<data>'.")
-    is_b64 = header.split(";")[-1].strip().lower() == "base64"
-    # Check the size before decoding: base64 decodes to 3/4 of its length.
-    if (len(payload) * 3 // 4 if is_b64 else len(payload)) > max_bytes:
-        raise ImageLoadError(f"Image data is larger than the {max_bytes} byte limit.")
-    try:
-        data = base64.b64decode(payload, validate=True) if is_b64 else urllib.parse.unquote_to_bytes(payload)
-    except (binascii.Error, ValueError):
-        raise ImageLoadError("Malformed data URI: the base64 payload does not decode.") from None
-    if len(data) > max_bytes:
-        raise ImageLoadError(f"Image data is larger than the {max_bytes} byte limit.")
-    return data
-
-
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    try:
-        img = Image.open(io.BytesIO(data))
-        # Image.open reads only the header: refuse oversized images before decoding any pixel.
-        if img.width * img.height > max_pixels:
-            raise ImageLoadError(
-                f"Image is {img.width}x{img.height} pixels, more than the {max_pixels} pixel limit."
-            )
-        img.load()
-        return img.convert("RGB")
-    except ImageLoadError:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError):
-        raise ImageLoadError("The file is not a supported image (JPEG, PNG, WebP, GIF, BMP, ...).") from None
-    except (OSError, SyntaxError, ValueError):
-        raise ImageLoadError("The image file is truncated or corrupt.") from None
+__all__ = ["ImageDownloadError", "ImageIntake", "ImageLoadError", "MediaError"]
 
 
 class ImageIntake:
-    def __init__(self, cfg: MediaConfig):
+    def __init__(self, cfg: MediaConfig, *, fetcher: Fetcher | None = None):
         self._cfg = cfg
-        self._client: httpx.AsyncClient | None = None
-
-    def _http(self) -> httpx.AsyncClient:
-        # Created lazily, inside the event loop that will use it.
-        if self._client is None:
-            self._client = httpx.AsyncClient(follow_redirects=True, max_redirects=5)
-        return self._client
+        self._fetcher = fetcher or Fetcher(cfg)
+        self._cache = ImageCache(cfg.cache_max_bytes) if cfg.cache_max_bytes else None
 
     async def load(self, url: str) -> Image.Image:
-        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        """The image `url` refers to, RGB and bounded; raises `MediaError` for anything unusable."""
+        url = url.strip()
+        scheme, sep, _ = url.partition(":")
+        scheme = scheme.lower() if sep else ""
+        # Payload and pixel decoding are CPU work: one worker-thread hop, off the event loop.
         if scheme == "data":
-            data = decode_data_uri(url, self._cfg.max_image_bytes)
-        elif scheme in ("http", "https"):
-            data = await self._fetch(url)
-        else:
-            raise ImageLoadError("image_url must be an http(s) URL or a data: URI.")
-        # Decoding is CPU work: keep it off the event loop.
-        return await asyncio.to_thread(decode_image, data, self._cfg.max_image_pixels)
+            return await asyncio.to_thread(self._decode_data_uri, url)
+        if scheme in ("http", "https"):
+            data = await self._fetcher.fetch(url)
+            return await asyncio.to_thread(self._decode, data)
+        raise ImageLoadError("image_url must be an http(s) URL or a data: URI.")
 
-    async def _fetch(self, url: str) -> bytes:
-        limit = self._cfg.max_image_bytes
-        try:
-            async with asyncio.timeout(self._cfg.fetch_timeout_s):
-                async with self._http().stream("GET", url) as resp:
-                    if resp.status_code != 200:
-                        raise ImageDownloadError(f"Fetching the image returned HTTP {resp.status_code}.")
-                    declared = resp.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > limit:
-                        raise ImageDownloadError(f"The image is larger than the {limit} byte limit.")
-                    chunks, size = [], 0
-                    async for chunk in resp.aiter_bytes():
-                        size += len(chunk)
-                        if size > limit:
-                            raise ImageDownloadError(f"The image is larger than the {limit} byte limit.")
-                        chunks.append(chunk)
-                    return b"".join(chunks)
-        except TimeoutError:
-            raise ImageDownloadError(
-                f"Fetching the image took longer than {self._cfg.fetch_timeout_s:g} s."
-            ) from None
-        except httpx.InvalidURL:
-            raise ImageLoadError("image_url is not a valid URL.") from None
-        except httpx.HTTPError as exc:
-            raise ImageDownloadError(f"Failed to download the image: {type(exc).__name__}.") from None
+    def _decode_data_uri(self, url: str) -> Image.Image:
+        return self._decode(decode_data_uri(url, self._cfg.max_image_bytes))
+
+    def _decode(self, data: bytes) -> Image.Image:
+        if self._cache is None:
+            return decode_image(data, self._cfg)
+        key = hashlib.sha256(data).digest()
+        img = self._cache.get(key)
+        if img is None:
+            img = decode_image(data, self._cfg)
+            self._cache.put(key, img)
+        return img
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        await self._fetcher.aclose()

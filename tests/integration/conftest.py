@@ -25,6 +25,8 @@ def stack_config(tiny_model_dir) -> ServeConfig:
     data = yaml.safe_load((CONFIGS / "local-cpu.yaml").read_text())
     data["model"]["source"] = str(tiny_model_dir)
     data["http"]["port"] = free_port()
+    # The tests' own image server runs on 127.0.0.1; every other non-public address stays refused.
+    data["media"]["allow_networks"] = ["127.0.0.1/32"]
     return parse_config(data, CONFIGS, env={})
 
 

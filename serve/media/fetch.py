@@ -1,0 +1,164 @@
+"""http(s) image download: SSRF-guarded, every redirect re-checked, deadline and byte cap."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import httpx
+
+from serve.config import MediaConfig
+from serve.media.errors import ImageDownloadError, ImageLoadError
+from serve.media.netguard import AddressGuard, Resolver, system_resolver
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Some image hosts refuse anonymous library user agents; say who is asking.
+_HEADERS = {"User-Agent": "llava-serve-image-fetch", "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"}
+
+
+class Fetcher:
+    def __init__(
+        self,
+        cfg: MediaConfig,
+        *,
+        resolve: Resolver = system_resolver,
+        verify: ssl.SSLContext | bool = True,
+    ):
+        self._cfg = cfg
+        self._guard = AddressGuard(cfg.allow_networks, cfg.allow_hosts, resolve)
+        self._verify = verify
+        self._client: httpx.AsyncClient | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        # Created lazily, inside the event loop that will use it.
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                # Environment proxies or .netrc would send the request somewhere the guard never checked.
+                trust_env=False,
+                verify=self._verify,
+                timeout=httpx.Timeout(self._cfg.read_timeout_s, connect=self._cfg.connect_timeout_s),
+                # The pool is keyed by IP, but TLS is authenticated per hostname (SNI): a kept-alive
+                # connection could serve another hostname at the same IP unauthenticated.
+                limits=httpx.Limits(max_keepalive_connections=0),
+            )
+        return self._client
+
+    async def fetch(self, url: str) -> bytes:
+        try:
+            target = httpx.URL(url)
+        except httpx.InvalidURL:
+            raise ImageLoadError("image_url is not a valid URL.") from None
+        problem = _problem(target)
+        if problem:
+            raise ImageLoadError(f"image_url {problem}; expected e.g. https://example.com/cat.jpg.")
+        try:
+            async with asyncio.timeout(self._cfg.fetch_timeout_s):
+                return await self._follow(target)
+        except TimeoutError:
+            raise ImageDownloadError(
+                f"Downloading the image took longer than {self._cfg.fetch_timeout_s:g} s. Host it somewhere "
+                "faster or send it inline as a data: URI."
+            ) from None
+        except httpx.ConnectTimeout:
+            raise ImageDownloadError("Timed out connecting to the image host; check that it is up.") from None
+        except httpx.ReadTimeout:
+            raise ImageDownloadError(
+                f"The image host sent nothing for {self._cfg.read_timeout_s:g} s; check that it is up."
+            ) from None
+        except httpx.ConnectError as exc:
+            raise ImageDownloadError(f"Could not connect to the image host ({str(exc)[:200]}).") from None
+        except httpx.RemoteProtocolError:
+            raise ImageDownloadError(
+                "The image host closed the connection before the whole image arrived, or answered with "
+                "malformed HTTP; try again or use another URL."
+            ) from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise ImageDownloadError(f"Downloading the image failed ({type(exc).__name__}).") from None
+
+    async def _follow(self, url: httpx.URL) -> bytes:
+        seen = {str(url)}
+        for _ in range(self._cfg.max_redirects + 1):
+            resp = await self._send(url)
+            try:
+                if resp.status_code not in _REDIRECTS:
+                    return await self._body(resp)
+                url = _redirect_target(url, resp)
+            finally:
+                await resp.aclose()
+            if str(url) in seen:
+                raise ImageDownloadError("The image URL redirects in a loop; link the image file directly.")
+            seen.add(str(url))
+        raise ImageDownloadError(
+            f"The image URL redirected more than {self._cfg.max_redirects} times; link the image file directly."
+        )
+
+    async def _send(self, url: httpx.URL) -> httpx.Response:
+        host = url.raw_host.decode("ascii")
+        address = await self._guard.address_for(host, url.port or _DEFAULT_PORTS[url.scheme])
+        # Connect to the address just checked; the server still sees the real hostname in Host and
+        # in TLS SNI, against which its certificate is verified.
+        request = self._http().build_request(
+            "GET",
+            url.copy_with(host=address),
+            headers={**_HEADERS, "Host": url.netloc.decode("ascii")},
+            extensions={"sni_hostname": host} if url.scheme == "https" else {},
+        )
+        return await self._http().send(request, stream=True)
+
+    async def _body(self, resp: httpx.Response) -> bytes:
+        if resp.status_code != 200:
+            raise ImageDownloadError(
+                f"Fetching the image returned HTTP {resp.status_code}; check that the URL is public and "
+                "points at the image itself."
+            )
+        encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # Raw bytes are counted against the cap; a compressed body could inflate far past it.
+            raise ImageDownloadError(
+                f"The image host sent the image compressed (Content-Encoding: {encoding}); serve it uncompressed."
+            )
+        limit = self._cfg.max_image_bytes
+        declared = resp.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks, size = [], 0
+        async for chunk in resp.aiter_raw():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+
+def _redirect_target(url: httpx.URL, resp: httpx.Response) -> httpx.URL:
+    location = resp.headers.get("location")
+    if not location:
+        raise ImageDownloadError(f"The image URL answered HTTP {resp.status_code} without a Location to follow.")
+    try:
+        target = url.join(location)
+    except httpx.InvalidURL:
+        raise ImageDownloadError("The image URL redirected to an invalid URL.") from None
+    problem = _problem(target)
+    if problem:
+        raise ImageDownloadError(f"The image URL redirected to a URL that {problem}.")
+    return target
+
+
+def _problem(url: httpx.URL) -> str | None:
+    """What makes `url` unusable as an image source, or None."""
+    if url.scheme not in _DEFAULT_PORTS:
+        return "is not an http(s) URL"
+    if not url.raw_host:
+        return "has no host"
+    if url.port is not None and not 0 < url.port < 65536:
+        return "has a port outside 1-65535"
+    return None
+
+
+def _too_large(limit: int) -> ImageDownloadError:
+    return ImageDownloadError(f"The image is larger than the {limit} byte limit; send a smaller image.")
