@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from serve.config import ConfigError, LimitsConfig
+from serve.jobs.models import Limits
 
 
 class KeyEntry(BaseModel):
@@ -31,8 +32,7 @@ class Caller(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     name: str
-    rate_per_minute: int
-    max_concurrent: int
+    limits: Limits
 
 
 _ENTRIES = TypeAdapter(list[KeyEntry])
@@ -55,8 +55,10 @@ class KeyRing:
                 _digest(e.key),
                 Caller(
                     name=e.name,
-                    rate_per_minute=e.rate_per_minute or limits.rate_per_minute,
-                    max_concurrent=e.max_concurrent or limits.max_concurrent,
+                    limits=Limits(
+                        rate_per_minute=e.rate_per_minute or limits.rate_per_minute,
+                        max_concurrent=e.max_concurrent or limits.max_concurrent,
+                    ),
                 ),
             )
             for e in entries

@@ -209,6 +209,17 @@ class MediaConfig(_Strict):
         return names
 
 
+class JobsConfig(_Strict):
+    lease_s: float = Field(
+        30.0, gt=0, description="How long a running job or sync request holds its concurrency slot without a "
+        "heartbeat (sent every third of it); work of a replica that died is recovered after this."
+    )
+    max_attempts: int = Field(2, ge=1, description="Runs of a job whose runner died: 2 = re-queued once, then failed.")
+    runner_poll_interval_s: float = Field(0.05, gt=0, description="How often an idle job runner looks for work.")
+    runner_max_parallel: int = Field(32, gt=0, description="Jobs one ingress replica runs at once.")
+    reap_interval_s: float = Field(1.0, gt=0, description="How often a runner recovers expired leases and results.")
+
+
 class StoreConfig(_Strict):
     backend: Literal["ray_actor", "redis"] = Field(
         "ray_actor", description="Where jobs and limit counters live: a named Ray actor or Redis."
@@ -236,6 +247,7 @@ class ServeConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-key limit defaults.")
     media: MediaConfig = Field(default_factory=MediaConfig, description="Image intake bounds.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Job store and limiter backend.")
+    jobs: JobsConfig = Field(default_factory=JobsConfig, description="Job leases and the runners in the ingress.")
 
     @field_validator("app_name")
     @classmethod

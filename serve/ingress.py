@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from ray import serve
 
+from serve.api.fal.jobs import FalExecutor
 from serve.api.fal.routes import router as fal_router
 from serve.api.services import Services
 from serve.auth import KeyRing
 from serve.config import ServeConfig
 from serve.engine.server import HandleEngine
+from serve.jobs.runner import JobRunner
+from serve.jobs.store import build_store
 from serve.media.intake import ImageIntake
 
 
-def create_app(services: Services) -> FastAPI:
-    app = FastAPI(title="llava-serve", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if runner is not None:
+            runner.start()
+        try:
+            yield
+        finally:
+            if runner is not None:
+                await runner.stop()
+            await services.media.aclose()
+
+    app = FastAPI(title="llava-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.services = services
 
     @app.get("/healthz")
@@ -44,7 +60,12 @@ class Ingress:
             keys=KeyRing.load(cfg.auth.keys_file, cfg.limits),
             engine=HandleEngine(llm_handle),
             media=ImageIntake(cfg.media),
+            store=build_store(cfg),
         )
+        # The replica's id is also its actor's name: a job's runner names the replica running it.
+        self._runner_id = serve.get_replica_context().replica_id.to_full_id_str()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_app(self._services)
+        executors = {"fal": FalExecutor(self._services)}
+        runner = JobRunner(self._services.store, self._runner_id, executors, self._services.config.jobs)
+        return create_app(self._services, runner)

@@ -23,3 +23,40 @@ class FakeEngine:
     async def check_health(self) -> None:
         if not self.healthy:
             raise EngineUnavailable("fake engine is down")
+
+
+class SlowEngine(FakeEngine):
+    """Yields one token per `delay` seconds: long enough to hold slots, cancellable mid-stream."""
+
+    def __init__(self, delay: float = 0.05):
+        super().__init__()
+        self.delay = delay
+        self.cancelled = 0
+
+    async def generate(self, request: GenerationRequest):
+        import asyncio
+
+        self.requests.append(request)
+        try:
+            for i in range(request.max_tokens):
+                await asyncio.sleep(self.delay)
+                yield TextDelta(text=f"t{i} ", num_tokens=1)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+        yield Completion(num_input_tokens=600, num_output_tokens=request.max_tokens, finish_reason="length")
+
+
+def make_services(engine, keys_file=None):
+    """The ingress' services on the embedded default config, with an in-process store."""
+    from serve.api.services import Services
+    from serve.auth import KeyRing
+    from serve.config import load_config
+    from serve.jobs.store import JobStore, LocalBackend, MemoryStore
+    from serve.media.intake import ImageIntake
+    from tests.conftest import CONFIGS
+
+    env = {"LLAVA_SERVE_KEYS_FILE": str(keys_file)} if keys_file else {}
+    cfg = load_config(CONFIGS / "local-cpu.yaml", env=env)
+    store = JobStore(LocalBackend(MemoryStore(cfg.store.result_ttl_s, cfg.jobs.max_attempts)))
+    return Services(cfg, KeyRing.load(cfg.auth.keys_file, cfg.limits), engine, ImageIntake(cfg.media), store)

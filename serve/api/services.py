@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from serve.auth import KeyRing
 from serve.config import ServeConfig
 from serve.engine.types import Engine
+from serve.jobs.store import JobStore
 from serve.media.intake import ImageIntake
 
 
@@ -19,6 +20,7 @@ class Services:
     keys: KeyRing
     engine: Engine
     media: ImageIntake
+    store: JobStore
 
 
 def get_services(request: Request) -> Services:

@@ -56,12 +56,12 @@ class Engine(Protocol):
     async def check_health(self) -> None: ...
 
 
-async def collect(stream: AsyncIterator[StreamItem]) -> tuple[str, Completion]:
-    """Drain a stream into its full text and the final counts."""
+async def collect(stream: AsyncIterator[StreamItem]) -> tuple[list[str], Completion]:
+    """Drain a stream into its text chunks (joined, the answer) and the final counts."""
     parts: list[str] = []
     async for item in stream:
         if isinstance(item, TextDelta):
             parts.append(item.text)
         else:
-            return "".join(parts), item
+            return parts, item
     raise EngineUnavailable("engine stream ended without a completion")

@@ -11,6 +11,7 @@ from ray import serve
 
 from serve.app import ENGINE_DEPLOYMENT, start_local, stop_local
 from serve.config import ServeConfig, parse_config
+from serve.jobs.store import JobStore, build_store
 from serve.engine.tiny_model import build_tiny_model
 from tests.conftest import CONFIGS, free_port
 
@@ -20,11 +21,26 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llava"))
 
 
+RATE_KEY, RATE_LIMIT = "tests-rate-key-1", 30
+CONC_KEY, CONC_LIMIT = "tests-conc-key-1", 3
+TEST_KEYS = [
+    # The general key (the README's too) gets room for the whole suite; the others test the limits.
+    {"key": "local-test-key", "name": "local-dev", "rate_per_minute": 100_000, "max_concurrent": 64},
+    {"key": RATE_KEY, "name": "tests-rate", "rate_per_minute": RATE_LIMIT, "max_concurrent": 1000},
+    {"key": CONC_KEY, "name": "tests-conc", "rate_per_minute": 100_000, "max_concurrent": CONC_LIMIT},
+]
+
+
 @pytest.fixture(scope="session")
-def stack_config(tiny_model_dir) -> ServeConfig:
+def stack_config(tiny_model_dir, tmp_path_factory) -> ServeConfig:
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump(TEST_KEYS))
     data = yaml.safe_load((CONFIGS / "local-cpu.yaml").read_text())
     data["model"]["source"] = str(tiny_model_dir)
     data["http"]["port"] = free_port()
+    data["auth"]["keys_file"] = str(keys_file)
+    data["ingress"]["num_replicas"] = 2  # limits and jobs must hold across replicas
+    data["jobs"] = {"lease_s": 3.0, "reap_interval_s": 0.5}  # quick crash recovery
     # The tests' own image server runs on 127.0.0.1; every other non-public address stays refused.
     data["media"]["allow_networks"] = ["127.0.0.1/32"]
     return parse_config(data, CONFIGS, env={})
@@ -43,6 +59,12 @@ def stack(stack_config):
 
 
 @pytest.fixture
+def job_store(stack, stack_config) -> JobStore:
+    """The deployment's own store (the named actor its ingress replicas share), from the test process."""
+    return build_store(stack_config)
+
+
+@pytest.fixture
 def engine_stats(stack, stack_config):
     """Reads the engine replica's counters (running, peak_running, finished, aborted)."""
     handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=stack_config.app_name)
@@ -57,3 +79,41 @@ def wait_for_abort(engine_stats, before: dict, timeout_s: float = 15.0) -> dict:
         if (now["aborted"] > before["aborted"] and now["running"] == 0) or time.monotonic() > deadline:
             return now
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A private redis-server for the Redis store tests: a free port on 127.0.0.1, no persistence,
+    stopped when the session ends (never the system's own service on 6379)."""
+    import shutil
+    import subprocess
+
+    import redis
+
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (`make install` installs it)")
+    port, workdir = free_port(), tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        client, deadline = redis.Redis(host="127.0.0.1", port=port), time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start; see {workdir / 'redis.log'}") from None
+                time.sleep(0.05)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -11,9 +11,9 @@ def test_local_keys_file_loads_with_defaults_and_overrides():
     ring = KeyRing.load(CONFIGS / "keys.local.yaml", LIMITS)
     dev = ring.authenticate("local-test-key")
     assert dev is not None and dev.name == "local-dev"
-    assert (dev.rate_per_minute, dev.max_concurrent) == (60, 10)
+    assert (dev.limits.rate_per_minute, dev.limits.max_concurrent) == (60, 10)
     burst = ring.authenticate("local-burst-key")
-    assert (burst.rate_per_minute, burst.max_concurrent) == (600, 32)
+    assert (burst.limits.rate_per_minute, burst.limits.max_concurrent) == (600, 32)
 
 
 @pytest.mark.parametrize("presented", ["", "local-test-ke", "local-test-key ", "LOCAL-TEST-KEY", "x" * 1000])

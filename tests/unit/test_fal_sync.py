@@ -5,23 +5,17 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.api.services import Services
-from serve.auth import KeyRing
-from serve.config import load_config
 from serve.engine.types import EngineInputError, EngineUnavailable
 from serve.ingress import create_app
-from serve.media.intake import ImageIntake
-from tests.conftest import CONFIGS, LOCAL_KEY, data_uri
-from tests.fakes import FakeEngine
+from tests.conftest import LOCAL_KEY, data_uri
+from tests.fakes import FakeEngine, make_services
 
 URL = "/fal-ai/llavav15-13b"
 AUTH = {"Authorization": f"Key {LOCAL_KEY}"}
 
 
 def client_for(engine: FakeEngine) -> TestClient:
-    cfg = load_config(CONFIGS / "local-cpu.yaml", env={})
-    services = Services(cfg, KeyRing.load(cfg.auth.keys_file, cfg.limits), engine, ImageIntake(cfg.media))
-    return TestClient(create_app(services))
+    return TestClient(create_app(make_services(engine)))
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from serve.api.services import ApiError
 from serve.engine.types import EngineInputError, EngineUnavailable
+from serve.jobs.limits import LimitExceeded, rate_limit_headers
 from serve.media.intake import ImageDownloadError, MediaError
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,13 @@ def to_fal_error(exc: Exception, *, image_url: str | None = None, prompt: str | 
         return field_error("image_url", str(exc), "image_load_error", image_url)
     if isinstance(exc, EngineInputError):
         return field_error("prompt", str(exc), "value_error", prompt)
+    if isinstance(exc, LimitExceeded):
+        adm = exc.admission
+        if adm.reason == "rate":
+            detail = f"Rate limit exceeded ({adm.limit} requests per minute). Please retry after {adm.retry_after} seconds."
+        else:
+            detail = "Concurrency limit exceeded. Please retry later."
+        return ApiError(429, {"detail": detail}, rate_limit_headers(adm))
     if isinstance(exc, EngineUnavailable):
         return flat_error(503, "The model runner is unavailable; try again.", "runner_disconnected")
     log.exception("unexpected error in a fal request")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.auth import Caller
 from serve.config import ModelConfig
 from serve.engine.types import Completion, GenerationRequest
 
@@ -44,11 +43,11 @@ class FalOutput(BaseModel):
 
 
 def to_generation_request(
-    inp: FalInput, *, request_id: str, caller: Caller, image, model: ModelConfig, stream: bool = False
+    inp: FalInput, *, request_id: str, owner: str, image, model: ModelConfig, stream: bool = False
 ) -> GenerationRequest:
     return GenerationRequest(
         request_id=request_id,
-        owner=caller.name,
+        owner=owner,
         prompt=model.render_prompt(inp.prompt),
         image=image,
         max_tokens=inp.resolved_max_tokens(),

@@ -15,6 +15,7 @@ from serve.api.fal.protocol import APP_ID, FalInput, to_generation_request, to_o
 from serve.api.services import ApiError, Services, get_services
 from serve.auth import Caller
 from serve.engine.types import collect
+from serve.jobs.limits import admitted, rate_limit_headers
 
 REQUEST_ID_HEADER = "x-fal-request-id"
 
@@ -62,13 +63,15 @@ async def _parse(request: Request) -> FalInput:
 async def run(
     request: Request, caller: Caller = Depends(fal_caller), services: Services = Depends(get_services)
 ) -> Response:
-    inp = await _parse(request)
+    inp = await _parse(request)  # before the limits: a malformed body costs no quota
     try:
-        image = await services.media.load(inp.image_url)
-        gen = to_generation_request(
-            inp, request_id=request.state.request_id, caller=caller, image=image, model=services.config.model
-        )
-        text, done = await collect(services.engine.generate(gen))
+        async with admitted(services.store, caller, services.config.jobs.lease_s) as admission:
+            image = await services.media.load(inp.image_url)
+            gen = to_generation_request(
+                inp, request_id=request.state.request_id, owner=caller.name, image=image, model=services.config.model
+            )
+            chunks, done = await collect(services.engine.generate(gen))
     except Exception as exc:
         raise to_fal_error(exc, image_url=inp.image_url, prompt=inp.prompt) from None
-    return JSONResponse(to_output(text, done).model_dump(exclude_none=True))
+    output = to_output("".join(chunks), done).model_dump(exclude_none=True)
+    return JSONResponse(output, headers=rate_limit_headers(admission))

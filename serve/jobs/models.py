@@ -1,0 +1,101 @@
+"""Job records and limit decisions: the data every store backend keeps and returns."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+WINDOW_S = 60.0  # the rate limit's rolling window
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class Limits(BaseModel):
+    """One key's limits, as the store enforces them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rate_per_minute: int = Field(gt=0)
+    max_concurrent: int = Field(gt=0)
+
+
+class LogLine(BaseModel):
+    timestamp: float
+    message: str
+
+
+class JobResult(BaseModel):
+    chunks: list[str] = Field(description="Text deltas as the engine streamed them; joined, the answer.")
+    num_input_tokens: int
+    num_output_tokens: int
+    finish_reason: str
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+
+class JobError(BaseModel):
+    kind: str = Field(description="validation | image_download | image_load | input | unavailable | "
+                      "worker_lost | cancelled | internal")
+    message: str
+    detail: Any = Field(None, description="API-specific detail to replay (e.g. fal's 422 detail list).")
+
+
+class Job(BaseModel):
+    id: str
+    owner: str = Field(description="The owning key's name.")
+    api: str = Field(description="Which wire API accepted it (fal, eachlabs): picks the executor.")
+    input: dict[str, Any] = Field(description="The input as received.")
+    meta: dict[str, Any] = Field(default_factory=dict, description="API-specific extras (webhook, version...).")
+    max_concurrent: int = Field(description="The owner's concurrency cap when the job was accepted.")
+    status: JobStatus = JobStatus.QUEUED
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    expires_at: float | None = Field(None, description="When a finished job is forgotten (result TTL).")
+    attempts: int = 0
+    runner: str | None = None
+    lease_until: float | None = None
+    cancel_requested: bool = False
+    logs: list[LogLine] = Field(default_factory=list)
+    result: JobResult | None = None
+    error: JobError | None = None
+    queue_position: int | None = Field(None, description="Jobs ahead of this one while queued (0 = next).")
+
+
+class Admission(BaseModel):
+    """A limit decision; on refusal nothing was recorded (a refused request consumes no quota)."""
+
+    allowed: bool
+    reason: str | None = Field(None, description="rate | concurrency, when refused")
+    limit: int = Field(description="The key's rate limit per window.")
+    remaining: int = Field(description="Requests left in the current window.")
+    reset_s: float = Field(description="Seconds until the oldest admission leaves the window.")
+    retry_after_s: float = Field(0.0, description="Seconds until a retry can succeed (refusals).")
+    slot: str | None = Field(None, description="The concurrency slot taken (sync requests).")
+    queue_position: int | None = Field(None, description="Position of an enqueued job.")
+
+    @property
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self.retry_after_s))
+
+
+class CancelOutcome(str, Enum):
+    CANCELLED = "cancelled"  # was queued: removed, now terminal
+    REQUESTED = "requested"  # is running: its runner aborts it
+    ALREADY_DONE = "already_done"
+    NOT_FOUND = "not_found"

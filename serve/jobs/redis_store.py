@@ -1,0 +1,406 @@
+"""`MemoryStore`'s operations in Redis: one Lua script per operation, so each is atomic across every
+client and replica, with the caller's `now` as the only clock (Redis' own clock is never read).
+
+Keys, all under `<prefix>:`
+  job:<id>        hash: the fields scripts read or change, each on its own (numbers as exact decimal
+                  strings), `body` (the rest of the Job as JSON, opaque to Lua) and `seq` (accept order)
+  logs:<id>       list of LogLine JSON
+  queue           zset id -> order: FIFO by an increasing sequence; a re-queue goes below the minimum
+  queued:<owner>  set of the owner's queued ids (the queued count `cap_pending` checks)
+  running         zset id -> lease_until (what `reap` looks for)
+  expiring        zset id -> expires_at of finished jobs (what `reap` forgets)
+  window:<owner>  zset unique sequence number -> admission time (the rolling rate window)
+  slots:<owner>   zset slot id (or running job id) -> lease expiry (the concurrency cap)
+  seq             counter: window members, queue order, accept order
+
+The logic expires things by `now`; Redis TTLs are only a safety net for leftovers, set well past the
+logical expiry. Scripts build key names from the prefix, so this needs one Redis (not Redis Cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from serve.jobs.models import WINDOW_S, Admission, CancelOutcome, Job, JobError, JobResult, JobStatus, Limits, LogLine
+from serve.jobs.store import WORKER_LOST
+
+SAFETY_MARGIN_S = 3600.0  # how long past its logical expiry a leftover key may stay in Redis
+
+# The hash fields scripts read or change, one each; the rest of a Job travels as `body`.
+_FIELDS = {"owner", "max_concurrent", "status", "created_at", "started_at", "finished_at", "expires_at",
+           "attempts", "runner", "lease_until", "cancel_requested", "result", "error"}
+_CANCELLED = JobError(kind="cancelled", message="Cancelled.").model_dump_json()
+_LOST = JobError(kind="worker_lost", message=WORKER_LOST).model_dump_json()
+
+# Prepended to every script. ARGV[1] is the key prefix; each operation's arguments follow it.
+_PRELUDE = f"""
+local WINDOW_S, SAFETY_MARGIN_S = {WINDOW_S!r}, {SAFETY_MARGIN_S!r}
+""" + r"""
+local prefix = ARGV[1]
+local function key(...) return table.concat({prefix, ...}, ':') end
+
+-- For replies only: Lua would truncate a number to an integer. (Arguments to redis.call are exact.)
+local function num(x) return string.format('%.17g', x) end
+
+-- A flat field/value reply the client turns back into a model.
+local function fields(t)
+  local out = {}
+  for name, value in pairs(t) do
+    out[#out + 1] = name
+    out[#out + 1] = type(value) == 'number' and num(value) or tostring(value)
+  end
+  return out
+end
+
+local function expire_after(k, expiry, now)
+  redis.call('PEXPIRE', k, math.ceil((expiry - now + SAFETY_MARGIN_S) * 1000))
+end
+
+local function prune_slots(owner, now)
+  local slots = key('slots', owner)
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+  return slots
+end
+
+-- Takes or extends a lease; the key outlives its longest lease.
+local function take_slot(owner, slot, expiry, now)
+  local slots = key('slots', owner)
+  redis.call('ZADD', slots, expiry, slot)
+  expire_after(slots, tonumber(redis.call('ZRANGE', slots, -1, -1, 'WITHSCORES')[2]), now)
+end
+
+-- MemoryStore._decision: admit (recording `now` in the window) or refuse (recording nothing).
+-- in_flight_extra: work counted against the cap beyond the slots; nil = no concurrency check.
+-- Returns the decision and, when admitted, a fresh sequence number.
+local function decide(owner, rate, cap, now, in_flight_extra)
+  local window = key('window', owner)
+  redis.call('ZREMRANGEBYSCORE', window, '-inf', now - WINDOW_S)
+  local slots = prune_slots(owner, now)
+  local count = redis.call('ZCARD', window)
+  local oldest = tonumber(redis.call('ZRANGE', window, 0, 0, 'WITHSCORES')[2])
+  local d = {allowed = false, limit = rate, remaining = math.max(0, rate - count),
+             reset_s = oldest and oldest + WINDOW_S - now or 0}
+  if count >= rate then
+    d.reason, d.retry_after_s = 'rate', d.reset_s
+    return d
+  end
+  if in_flight_extra and redis.call('ZCARD', slots) + in_flight_extra >= cap then
+    d.reason, d.retry_after_s = 'concurrency', 1
+    return d
+  end
+  -- Members must be unique (two admissions may share a `now`): the sequence number is.
+  local seq = redis.call('INCR', key('seq'))
+  redis.call('ZADD', window, now, seq)
+  expire_after(window, now + WINDOW_S, now)
+  d.allowed, d.remaining, d.reset_s = true, d.remaining - 1, (oldest or now) + WINDOW_S - now
+  return d, seq
+end
+
+-- MemoryStore.get's checks: another key's job is no job, and an expired one is deleted on sight.
+local function forget(id)
+  redis.call('DEL', key('job', id), key('logs', id))
+  redis.call('ZREM', key('expiring'), id)
+end
+
+local function visible(id, owner, now)
+  local holder, expires_at = unpack(redis.call('HMGET', key('job', id), 'owner', 'expires_at'))
+  if holder ~= owner then return false end
+  if expires_at and tonumber(expires_at) <= now then
+    forget(id)
+    return false
+  end
+  return true
+end
+
+-- A job as the client rebuilds it: its hash, its log lines, its queue position (false unless queued).
+local function job_reply(id)
+  local position = false
+  if redis.call('HGET', key('job', id), 'status') == 'queued' then
+    position = redis.call('ZRANK', key('queue'), id)
+  end
+  return {redis.call('HGETALL', key('job', id)), redis.call('LRANGE', key('logs', id), 0, -1), position}
+end
+
+local function running_by(id, runner)
+  local status, holder = unpack(redis.call('HMGET', key('job', id), 'status', 'runner'))
+  return status == 'running' and holder == runner
+end
+
+local function dequeue(id, owner)
+  redis.call('ZREM', key('queue'), id)
+  redis.call('SREM', key('queued', owner), id)
+end
+
+-- MemoryStore._terminate. result / err: JSON, or '' for none.
+local function terminate(id, status, now, ttl, result, err)
+  local job = key('job', id)
+  redis.call('ZREM', key('slots', redis.call('HGET', job, 'owner')), id)
+  redis.call('ZREM', key('running'), id)
+  redis.call('HDEL', job, 'runner', 'lease_until', 'result', 'error')
+  redis.call('HSET', job, 'status', status, 'finished_at', now, 'expires_at', now + ttl)
+  if result ~= '' then redis.call('HSET', job, 'result', result) end
+  if err ~= '' then redis.call('HSET', job, 'error', err) end
+  redis.call('ZADD', key('expiring'), now + ttl, id)
+  expire_after(job, now + ttl, now)
+  expire_after(key('logs', id), now + ttl, now)
+end
+"""
+
+_SCRIPTS = {
+    # owner, rate, cap, slot, lease_s, now
+    "admit": """
+local owner, rate, cap, slot = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local lease_s, now = tonumber(ARGV[6]), tonumber(ARGV[7])
+local d = decide(owner, rate, cap, now, 0)
+if d.allowed then
+  take_slot(owner, slot, now + lease_s, now)
+  d.slot = slot
+end
+return fields(d)
+""",
+    # owner, slot, lease_s, now. Like MemoryStore, a lapsed lease nobody has pruned yet still renews.
+    "renew": """
+local owner, slot, lease_s, now = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+if not redis.call('ZSCORE', key('slots', owner), slot) then return 0 end
+take_slot(owner, slot, now + lease_s, now)
+return 1
+""",
+    # owner, slot, now
+    "release": """
+redis.call('ZREM', key('slots', ARGV[2]), ARGV[3])
+""",
+    # owner, rate, cap, cap_pending (1/0), now, id, logs (JSON list of LogLine JSON), field, value, ...
+    "enqueue": """
+local owner, rate, cap, now, id = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[6]), ARGV[7]
+local queued = nil
+if ARGV[5] == '1' then queued = redis.call('SCARD', key('queued', owner)) end
+local d, seq = decide(owner, rate, cap, now, queued)
+if d.allowed then
+  redis.call('HSET', key('job', id), 'seq', seq, unpack(ARGV, 9))
+  local logs = cjson.decode(ARGV[8])
+  if #logs > 0 then redis.call('RPUSH', key('logs', id), unpack(logs)) end
+  -- seq only grows, so the job goes behind everything queued.
+  redis.call('ZADD', key('queue'), seq, id)
+  redis.call('SADD', key('queued', owner), id)
+  d.queue_position = redis.call('ZCARD', key('queue')) - 1
+end
+return fields(d)
+""",
+    # id, owner, now
+    "get": """
+local id, owner, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
+if not visible(id, owner, now) then return false end
+return job_reply(id)
+""",
+    # runner, lease_s, now: the first queued job whose owner is below its cap, now running.
+    "claim": """
+local runner, lease_s, now = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local queue, in_flight = key('queue'), {}  -- in_flight: owner -> live slots, pruned once per owner
+local start = 0
+repeat
+  local ids = redis.call('ZRANGE', queue, start, start + 99)  -- in pages: the queue may be long
+  for _, id in ipairs(ids) do
+    local job = key('job', id)
+    local owner, cap = unpack(redis.call('HMGET', job, 'owner', 'max_concurrent'))
+    in_flight[owner] = in_flight[owner] or redis.call('ZCARD', prune_slots(owner, now))
+    if in_flight[owner] < tonumber(cap) then
+      dequeue(id, owner)
+      take_slot(owner, id, now + lease_s, now)
+      redis.call('ZADD', key('running'), now + lease_s, id)
+      redis.call('HSET', job, 'status', 'running', 'runner', runner, 'lease_until', now + lease_s)
+      redis.call('HINCRBY', job, 'attempts', 1)
+      redis.call('HSETNX', job, 'started_at', now)
+      return job_reply(id)
+    end
+  end
+  start = start + #ids
+until #ids == 0
+return false
+""",
+    # id, runner, lease_s, now -> 1, or 0 when the runner must stop (lease lost, cancellation requested)
+    "heartbeat": """
+local id, runner, lease_s, now = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+if not running_by(id, runner) then return 0 end
+local job, expiry = key('job', id), now + lease_s
+redis.call('HSET', job, 'lease_until', expiry)
+redis.call('ZADD', key('running'), expiry, id)
+-- Re-taken even if an admit pruned it after the lease lapsed, as MemoryStore does.
+take_slot(redis.call('HGET', job, 'owner'), id, expiry, now)
+if redis.call('HGET', job, 'cancel_requested') == 'true' then return 0 end
+return 1
+""",
+    # id, runner, line (LogLine JSON, stamped with `now` by the client)
+    "log": """
+if running_by(ARGV[2], ARGV[3]) then redis.call('RPUSH', key('logs', ARGV[2]), ARGV[4]) end
+""",
+    # id, runner, status, result JSON or '', error JSON or '', now, ttl
+    "finish": """
+local id, runner = ARGV[2], ARGV[3]
+if not running_by(id, runner) then return 0 end
+terminate(id, ARGV[4], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[5], ARGV[6])
+return 1
+""",
+    # id, owner, now, ttl, cancelled error JSON
+    "cancel": """
+local id, owner, now, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+if not visible(id, owner, now) then return 'not_found' end
+local job = key('job', id)
+local status = redis.call('HGET', job, 'status')
+if status == 'queued' then
+  dequeue(id, owner)
+  terminate(id, 'cancelled', now, ttl, '', ARGV[6])
+  return 'cancelled'
+elseif status == 'running' then
+  redis.call('HSET', job, 'cancel_requested', 'true')
+  return 'requested'
+end
+return 'already_done'
+""",
+    # now, ttl, max_attempts, re-queue LogLine JSON, cancelled error JSON, worker-lost error JSON
+    "reap": """
+local now, ttl, max_attempts = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local lost = redis.call('ZRANGEBYSCORE', key('running'), '-inf', now)
+-- In accept order, as MemoryStore walks its jobs: each re-queue goes to the front in turn.
+local seq = {}
+for _, id in ipairs(lost) do seq[id] = tonumber(redis.call('HGET', key('job', id), 'seq')) end
+table.sort(lost, function(a, b) return seq[a] < seq[b] end)
+for _, id in ipairs(lost) do
+  local job = key('job', id)
+  local owner, attempts, cancel = unpack(redis.call('HMGET', job, 'owner', 'attempts', 'cancel_requested'))
+  if cancel == 'true' then
+    terminate(id, 'cancelled', now, ttl, '', ARGV[6])
+  elseif tonumber(attempts) < max_attempts then
+    redis.call('ZREM', key('slots', owner), id)
+    redis.call('ZREM', key('running'), id)
+    redis.call('HSET', job, 'status', 'queued')
+    redis.call('HDEL', job, 'runner', 'lease_until')
+    redis.call('RPUSH', key('logs', id), ARGV[5])
+    local first = redis.call('ZRANGE', key('queue'), 0, 0, 'WITHSCORES')[2]
+    redis.call('ZADD', key('queue'), first and tonumber(first) - 1 or 0, id)
+    redis.call('SADD', key('queued', owner), id)
+  else
+    terminate(id, 'failed', now, ttl, '', ARGV[7])
+  end
+end
+local expired = redis.call('ZRANGEBYSCORE', key('expiring'), '-inf', now)
+for _, id in ipairs(expired) do forget(id) end
+return #lost + #expired
+""",
+}
+
+
+def _job_fields(job: Job) -> list[str]:
+    """A job's hash as field, value, ...: strings stay raw, other values are JSON, None is no field."""
+    flat = ["body", job.model_dump_json(exclude=_FIELDS | {"logs", "queue_position"})]
+    for name, value in job.model_dump(mode="json", include=_FIELDS).items():
+        if value is not None:
+            flat += [name, value if isinstance(value, str) else json.dumps(value)]
+    return flat
+
+
+def _job(reply: list[Any] | None) -> Job | None:
+    if reply is None:
+        return None
+    flat, logs, position = reply
+    record = dict(zip(flat[::2], flat[1::2]))
+    del record["seq"]
+    data = json.loads(record.pop("body"))
+    for name in ("result", "error"):
+        if name in record:
+            record[name] = json.loads(record[name])
+    # The numbers, flags and status are strings here; the model parses them.
+    return Job.model_validate({**data, **record, "logs": [json.loads(line) for line in logs],
+                               "queue_position": position})
+
+
+def _admission(reply: list[str]) -> Admission:
+    return Admission.model_validate(dict(zip(reply[::2], reply[1::2])))
+
+
+class RedisBackend:
+    def __init__(self, url: str, result_ttl_s: float, max_attempts: int, prefix: str = "llava-serve"):
+        self._url = url
+        self._ttl = result_ttl_s
+        self._max_attempts = max_attempts
+        self._prefix = prefix
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+
+    def _script(self, op: str) -> AsyncScript:
+        # A client's connections belong to the event loop that opened them: a caller on another
+        # loop (tests run each call in a fresh one) gets a client of its own.
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._client = Redis.from_url(self._url, decode_responses=True)
+            # EVALSHA; the script is loaded on the first NOSCRIPT (a new or restarted server).
+            self._scripts = {name: self._client.register_script(_PRELUDE + src) for name, src in _SCRIPTS.items()}
+            self._loop = loop
+        return self._scripts[op]
+
+    async def _run(self, op: str, *args: str | int | float) -> Any:
+        return await self._script(op)(args=[self._prefix, *args])
+
+    async def call(self, op: str, *args: Any) -> Any:
+        if op not in _SCRIPTS:
+            raise ValueError(f"unknown store operation {op!r}")
+        return await getattr(self, f"_{op}")(*args)
+
+    async def aclose(self) -> None:
+        """Closes the connections of the current event loop's client."""
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            await self._client.aclose()
+            self._loop = self._client = None
+
+    # -- the operations: MemoryStore's signatures --------------------------------------------
+
+    async def _admit(self, owner: str, limits: Limits, slot: str, lease_s: float, now: float) -> Admission:
+        return _admission(await self._run("admit", owner, limits.rate_per_minute, limits.max_concurrent, slot,
+                                          lease_s, now))
+
+    async def _renew(self, owner: str, slot: str, lease_s: float, now: float) -> bool:
+        return bool(await self._run("renew", owner, slot, lease_s, now))
+
+    async def _release(self, owner: str, slot: str, now: float) -> None:
+        await self._run("release", owner, slot, now)
+
+    async def _enqueue(self, job: Job, limits: Limits, cap_pending: bool, now: float) -> Admission:
+        accepted = job.model_copy(update={"status": JobStatus.QUEUED, "created_at": now})
+        logs = json.dumps([line.model_dump_json() for line in accepted.logs])
+        return _admission(await self._run("enqueue", job.owner, limits.rate_per_minute, limits.max_concurrent,
+                                          int(cap_pending), now, job.id, logs, *_job_fields(accepted)))
+
+    async def _get(self, job_id: str, owner: str, now: float) -> Job | None:
+        return _job(await self._run("get", job_id, owner, now))
+
+    async def _claim(self, runner: str, lease_s: float, now: float) -> Job | None:
+        return _job(await self._run("claim", runner, lease_s, now))
+
+    async def _heartbeat(self, job_id: str, runner: str, lease_s: float, now: float) -> bool:
+        return bool(await self._run("heartbeat", job_id, runner, lease_s, now))
+
+    async def _log(self, job_id: str, runner: str, message: str, now: float) -> None:
+        await self._run("log", job_id, runner, LogLine(timestamp=now, message=message).model_dump_json())
+
+    async def _finish(
+        self, job_id: str, runner: str, result: JobResult | None, error: JobError | None, now: float
+    ) -> bool:
+        if result is not None:
+            status = JobStatus.SUCCEEDED
+        else:
+            status = JobStatus.CANCELLED if error is not None and error.kind == "cancelled" else JobStatus.FAILED
+        return bool(await self._run("finish", job_id, runner, status.value,
+                                    result.model_dump_json() if result is not None else "",
+                                    error.model_dump_json() if error is not None else "", now, self._ttl))
+
+    async def _cancel(self, job_id: str, owner: str, now: float) -> CancelOutcome:
+        return CancelOutcome(await self._run("cancel", job_id, owner, now, self._ttl, _CANCELLED))
+
+    async def _reap(self, now: float) -> int:
+        requeued = LogLine(timestamp=now, message="Worker lost; re-queued.").model_dump_json()
+        return await self._run("reap", now, self._ttl, self._max_attempts, requeued, _CANCELLED, _LOST)
