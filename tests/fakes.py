@@ -47,8 +47,8 @@ class SlowEngine(FakeEngine):
         yield Completion(num_input_tokens=600, num_output_tokens=request.max_tokens, finish_reason="length")
 
 
-def make_services(engine, keys_file=None):
-    """The ingress' services on the embedded default config, with an in-process store."""
+def make_services(engine, keys_file=None, backend=None):
+    """The ingress' services on the embedded default config, with an in-process store by default."""
     from serve.api.services import Services
     from serve.auth import KeyRing
     from serve.config import load_config
@@ -58,5 +58,5 @@ def make_services(engine, keys_file=None):
 
     env = {"LLAVA_SERVE_KEYS_FILE": str(keys_file)} if keys_file else {}
     cfg = load_config(CONFIGS / "local-cpu.yaml", env=env)
-    store = JobStore(LocalBackend(MemoryStore(cfg.store.result_ttl_s, cfg.jobs.max_attempts)))
+    store = JobStore(backend or LocalBackend(MemoryStore(cfg.store.result_ttl_s, cfg.jobs.max_attempts)))
     return Services(cfg, KeyRing.load(cfg.auth.keys_file, cfg.limits), engine, ImageIntake(cfg.media), store)

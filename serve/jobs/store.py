@@ -33,6 +33,11 @@ from serve.jobs.models import (
 WORKER_LOST = "The worker running this request stopped responding; it could not be completed."
 
 
+class StoreUnavailable(RuntimeError):
+    """The shared store cannot be reached; nothing was decided. Backends raise it for their
+    connection failures so callers answer 503, not 500."""
+
+
 class MemoryStore:
     def __init__(self, result_ttl_s: float, max_attempts: int):
         self._ttl = result_ttl_s
@@ -237,7 +242,12 @@ class RayActorBackend:
         )
 
     async def call(self, op: str, *args: Any) -> Any:
-        return await self._actor.call.remote(op, *args)
+        from ray.exceptions import RayActorError
+
+        try:
+            return await self._actor.call.remote(op, *args)
+        except RayActorError as exc:
+            raise StoreUnavailable(f"job store actor unavailable: {type(exc).__name__}") from exc
 
 
 class JobStore:

@@ -14,10 +14,10 @@ from tests.fakes import FakeEngine, SlowEngine, make_services
 URL = "/fal-ai/llavav15-13b"
 
 
-def app_for(engine, tmp_path, rate, concurrent):
+def app_for(engine, tmp_path, rate, concurrent, backend=None):
     keys = tmp_path / "keys.yaml"
     keys.write_text(f"- {{key: limited-key-1, name: limited, rate_per_minute: {rate}, max_concurrent: {concurrent}}}\n")
-    return create_app(make_services(engine, keys))
+    return create_app(make_services(engine, keys, backend))
 
 
 BODY = {"prompt": "hi", "image_url": data_uri(), "max_new_tokens": 4}
@@ -83,3 +83,18 @@ def test_a_failed_request_gives_its_slot_back(tmp_path):
     client = TestClient(store_app)
     assert client.post(URL, json=BODY, headers=AUTH).status_code == 500  # an engine bug: slot released anyway
     assert client.post(URL, json=BODY, headers=AUTH).status_code == 500  # not 429: the slot came back
+
+
+def test_an_unreachable_store_is_a_503_not_a_500(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from serve.jobs.store import StoreUnavailable
+
+    class DownBackend:
+        async def call(self, op, *args):
+            raise StoreUnavailable("connection refused")
+
+    app = app_for(FakeEngine(), tmp_path, rate=100, concurrent=10, backend=DownBackend())
+    resp = TestClient(app).post(URL, json=BODY, headers=AUTH)
+    assert resp.status_code == 503 and resp.json()["error_type"] == "runner_scheduling_failure"
+    assert resp.headers["x-fal-request-id"]

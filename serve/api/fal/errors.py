@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from serve.api.services import ApiError
 from serve.engine.types import EngineInputError, EngineUnavailable
 from serve.jobs.limits import LimitExceeded, rate_limit_headers
+from serve.jobs.store import StoreUnavailable
 from serve.media.intake import ImageDownloadError, MediaError
 
 log = logging.getLogger(__name__)
@@ -74,5 +75,7 @@ def to_fal_error(exc: Exception, *, image_url: str | None = None, prompt: str | 
         return ApiError(429, {"detail": detail}, rate_limit_headers(adm))
     if isinstance(exc, EngineUnavailable):
         return flat_error(503, "The model runner is unavailable; try again.", "runner_disconnected")
+    if isinstance(exc, StoreUnavailable):
+        return flat_error(503, "The request queue is unavailable; try again.", "runner_scheduling_failure")
     log.exception("unexpected error in a fal request")
     return flat_error(500, "Internal Server Error", "internal_server_error")
