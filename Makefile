@@ -14,13 +14,20 @@ export RAY_USAGE_STATS_ENABLED := 0
 serve: install tiny-model
 	$(VENV)/bin/llava-serve run $(CONFIG)
 
-test: install tiny-model
+test: install redis-server tiny-model
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 check: install tiny-model
 	$(VENV)/bin/llava-serve check $(CONFIG)
 
 install: $(STAMP)
+
+# The Redis store tests run a real redis-server: Debian's package (CI: a fresh Debian machine, as root).
+# Only the tests need it: the embedded default keeps its store in a Ray actor.
+.PHONY: redis-server
+redis-server:
+	@command -v redis-server >/dev/null || { apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server; }
 
 # Re-installs only when a pin, the project metadata or the fix-up changes.
 $(STAMP): requirements.txt constraints.txt pyproject.toml tools/fixup_venv.py

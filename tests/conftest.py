@@ -38,3 +38,16 @@ def image_bytes(size=(64, 48), fmt="PNG", color=(200, 30, 60)) -> bytes:
 
 def data_uri(size=(64, 48), fmt="PNG", color=(200, 30, 60)) -> str:
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(image_bytes(size, fmt, color)).decode()
+
+
+class Clock:
+    """An injectable clock for the job store: time moves only when a test says so."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -1,5 +1,6 @@
 """`MemoryStore`'s operations in Redis: one Lua script per operation, so each is atomic across every
-client and replica, with the caller's `now` as the only clock (Redis' own clock is never read).
+client and replica (Redis runs a script to the end before any other command), with the caller's
+`now` as the only clock (Redis' own clock is never read).
 
 Keys, all under `<prefix>:`
   job:<id>        hash: the fields scripts read or change, each on its own (numbers as exact decimal
@@ -24,10 +25,24 @@ import json
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from serve.jobs.models import WINDOW_S, Admission, CancelOutcome, Job, JobError, JobResult, JobStatus, Limits, LogLine
-from serve.jobs.store import WORKER_LOST
+from serve.jobs.models import (
+    WINDOW_S,
+    Admission,
+    CancelOutcome,
+    Job,
+    JobError,
+    JobResult,
+    JobStatus,
+    Limits,
+    LogLine,
+)
+from serve.jobs.store import WORKER_LOST, StoreUnavailable
 
 SAFETY_MARGIN_S = 3600.0  # how long past its logical expiry a leftover key may stay in Redis
 
@@ -101,12 +116,12 @@ local function decide(owner, rate, cap, now, in_flight_extra)
   return d, seq
 end
 
--- MemoryStore.get's checks: another key's job is no job, and an expired one is deleted on sight.
 local function forget(id)
   redis.call('DEL', key('job', id), key('logs', id))
   redis.call('ZREM', key('expiring'), id)
 end
 
+-- MemoryStore.get's checks: another key's job is no job, and an expired one is deleted on sight.
 local function visible(id, owner, now)
   local holder, expires_at = unpack(redis.call('HMGET', key('job', id), 'owner', 'expires_at'))
   if holder ~= owner then return false end
@@ -163,10 +178,14 @@ if d.allowed then
 end
 return fields(d)
 """,
-    # owner, slot, lease_s, now. Like MemoryStore, a lapsed lease nobody has pruned yet still renews.
+    # owner, slot, lease_s, now. A lapsed lease is gone even if nothing pruned it yet.
     "renew": """
 local owner, slot, lease_s, now = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-if not redis.call('ZSCORE', key('slots', owner), slot) then return 0 end
+local expiry = redis.call('ZSCORE', key('slots', owner), slot)
+if not expiry or tonumber(expiry) <= now then
+  redis.call('ZREM', key('slots', owner), slot)
+  return 0
+end
 take_slot(owner, slot, now + lease_s, now)
 return 1
 """,
@@ -227,9 +246,10 @@ return false
 local id, runner, lease_s, now = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 if not running_by(id, runner) then return 0 end
 local job, expiry = key('job', id), now + lease_s
+-- A lapsed lease is lost even before reap notices: its slot may already be someone else's.
+if tonumber(redis.call('HGET', job, 'lease_until')) <= now then return 0 end
 redis.call('HSET', job, 'lease_until', expiry)
 redis.call('ZADD', key('running'), expiry, id)
--- Re-taken even if an admit pruned it after the lease lapsed, as MemoryStore does.
 take_slot(redis.call('HGET', job, 'owner'), id, expiry, now)
 if redis.call('HGET', job, 'cancel_requested') == 'true' then return 0 end
 return 1
@@ -265,10 +285,11 @@ return 'already_done'
     "reap": """
 local now, ttl, max_attempts = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local lost = redis.call('ZRANGEBYSCORE', key('running'), '-inf', now)
--- In accept order, as MemoryStore walks its jobs: each re-queue goes to the front in turn.
+-- Newest first, as MemoryStore walks its jobs: each re-queue goes to the front, so the lost jobs
+-- end up in accept order.
 local seq = {}
 for _, id in ipairs(lost) do seq[id] = tonumber(redis.call('HGET', key('job', id), 'seq')) end
-table.sort(lost, function(a, b) return seq[a] < seq[b] end)
+table.sort(lost, function(a, b) return seq[a] > seq[b] end)
 for _, id in ipairs(lost) do
   local job = key('job', id)
   local owner, attempts, cancel = unpack(redis.call('HMGET', job, 'owner', 'attempts', 'cancel_requested'))
@@ -323,6 +344,8 @@ def _admission(reply: list[str]) -> Admission:
 
 
 class RedisBackend:
+    """`MemoryStore`'s operations as Lua scripts on one Redis, shared by every client of the same prefix."""
+
     def __init__(self, url: str, result_ttl_s: float, max_attempts: int, prefix: str = "llava-serve"):
         self._url = url
         self._ttl = result_ttl_s
@@ -333,23 +356,28 @@ class RedisBackend:
         self._scripts: dict[str, AsyncScript] = {}
 
     def _script(self, op: str) -> AsyncScript:
-        # A client's connections belong to the event loop that opened them: a caller on another
-        # loop (tests run each call in a fresh one) gets a client of its own.
+        # A client's connections belong to the event loop that opened them, so calls from another
+        # loop (the tests run each call in a fresh one) get a new client. One loop at a time.
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
-            self._client = Redis.from_url(self._url, decode_responses=True)
+            # No retries: a script whose reply was lost may have run, and running it again would
+            # apply it twice (two slots, two claims). The caller gets StoreUnavailable instead.
+            self._client = Redis.from_url(self._url, decode_responses=True, retry=Retry(NoBackoff(), 0))
             # EVALSHA; the script is loaded on the first NOSCRIPT (a new or restarted server).
             self._scripts = {name: self._client.register_script(_PRELUDE + src) for name, src in _SCRIPTS.items()}
             self._loop = loop
         return self._scripts[op]
 
-    async def _run(self, op: str, *args: str | int | float) -> Any:
+    async def _run(self, op: str, *args: str | float) -> Any:
         return await self._script(op)(args=[self._prefix, *args])
 
     async def call(self, op: str, *args: Any) -> Any:
         if op not in _SCRIPTS:
             raise ValueError(f"unknown store operation {op!r}")
-        return await getattr(self, f"_{op}")(*args)
+        try:
+            return await getattr(self, f"_{op}")(*args)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StoreUnavailable(f"Redis job store unavailable: {type(exc).__name__}: {exc}") from exc
 
     async def aclose(self) -> None:
         """Closes the connections of the current event loop's client."""

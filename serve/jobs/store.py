@@ -34,8 +34,8 @@ WORKER_LOST = "The worker running this request stopped responding; it could not 
 
 
 class StoreUnavailable(RuntimeError):
-    """The shared store cannot be reached; nothing was decided. Backends raise it for their
-    connection failures so callers answer 503, not 500."""
+    """The shared store cannot be reached. Backends raise it for their connection failures so
+    callers answer 503, not 500; an operation whose reply was lost may have been applied (once)."""
 
 
 class MemoryStore:
@@ -84,7 +84,8 @@ class MemoryStore:
 
     def renew(self, owner: str, slot: str, lease_s: float, now: float) -> bool:
         slots = self._slots.get(owner, {})
-        if slot not in slots:
+        if slots.get(slot, now) <= now:  # gone, or lapsed: its place may be someone else's now
+            slots.pop(slot, None)
             return False
         slots[slot] = now + lease_s
         return True
@@ -127,7 +128,8 @@ class MemoryStore:
             slots[job_id] = now + lease_s
             job.status, job.runner, job.lease_until = JobStatus.RUNNING, runner, now + lease_s
             job.attempts += 1
-            job.started_at = job.started_at or now
+            if job.started_at is None:
+                job.started_at = now
             return job.model_copy()
         return None
 
@@ -138,8 +140,8 @@ class MemoryStore:
     def heartbeat(self, job_id: str, runner: str, lease_s: float, now: float) -> bool:
         """Extend the lease; False when the runner must stop (lease lost, or cancellation requested)."""
         job = self._running(job_id, runner)
-        if job is None:
-            return False
+        if job is None or job.lease_until <= now:
+            return False  # a lapsed lease is lost even before reap notices: its slot may be taken
         job.lease_until = now + lease_s
         self._slots.setdefault(job.owner, {})[job_id] = job.lease_until
         return not job.cancel_requested
@@ -178,7 +180,8 @@ class MemoryStore:
         """Recover jobs whose runner stopped renewing (re-queued at the front once, then failed) and
         forget expired results. Returns how many jobs changed."""
         changed = 0
-        for job in list(self._jobs.values()):
+        # Newest first: each re-queue goes to the front, so the lost jobs end up in accept order.
+        for job in reversed(list(self._jobs.values())):
             if job.status == JobStatus.RUNNING and job.lease_until is not None and job.lease_until <= now:
                 changed += 1
                 self._slots.get(job.owner, {}).pop(job.id, None)

@@ -13,7 +13,7 @@ from serve.app import ENGINE_DEPLOYMENT, start_local, stop_local
 from serve.config import ServeConfig, parse_config
 from serve.jobs.store import JobStore, build_store
 from serve.engine.tiny_model import build_tiny_model
-from tests.conftest import CONFIGS, free_port
+from tests.conftest import CONFIGS, Clock, free_port
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +56,11 @@ def stack(stack_config):
         yield base
     finally:
         stop_local()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
 
 
 @pytest.fixture

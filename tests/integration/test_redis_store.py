@@ -2,36 +2,29 @@
 calls on one redis-server, and every operation must still be one atomic step.
 
 The clock is injected and fixed while a burst runs, so every attempt competes for the same window.
+Last, random operation sequences run in lockstep on MemoryStore and Redis must get equal answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections import Counter
 
 import pytest
 import pytest_asyncio
 
-from serve.jobs.models import Job, JobStatus, Limits
+from serve.jobs.models import Job, JobError, JobResult, JobStatus, Limits
 from serve.jobs.redis_store import RedisBackend
-from serve.jobs.store import JobStore
+from serve.jobs.store import JobStore, MemoryStore, StoreUnavailable
+from tests.conftest import free_port
 
 CLIENTS = 4
 LEASE = 30.0
 
 
-class Clock:
-    def __init__(self, now: float = 1_000_000.0):
-        self.now = now
 
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock():
-    return Clock()
 
 
 @pytest_asyncio.fixture(loop_scope="function")  # the tests' loop: the clients' connections live in it
@@ -99,3 +92,62 @@ async def test_concurrent_claims_hand_each_job_to_one_runner_within_the_caps(sto
         stored = await stores[1].get(c.id, c.owner)
         assert stored.status == JobStatus.RUNNING and stored.runner == c.runner and stored.attempts == 1
     assert await stores[2].claim("late", LEASE) is None  # every owner is at its cap
+
+
+async def test_an_unreachable_redis_is_store_unavailable():
+    backend = RedisBackend(f"redis://127.0.0.1:{free_port()}/0", 3600.0, max_attempts=2)  # nothing listens
+    with pytest.raises(StoreUnavailable):
+        await JobStore(backend).admit("alice", Limits(rate_per_minute=1, max_concurrent=1), LEASE)
+
+
+OPS = ["admit", "renew", "release", "enqueue", "enqueue", "get", "claim", "claim", "heartbeat", "log", "finish",
+       "cancel", "reap"]
+
+
+def random_call(rng: random.Random, now: float, slots: list[tuple[str, str]], jobs: list[str]) -> tuple[str, tuple]:
+    """One operation with arguments drawn from a few owners, runners, limits and leases."""
+    op, owner, runner = rng.choice(OPS), rng.choice("abc"), rng.choice(["r1", "r2", "r3"])
+    limits = Limits(rate_per_minute=rng.randint(1, 6), max_concurrent=rng.randint(1, 3))
+    lease = rng.choice([0.7, 5.0, 30.0])
+    job_id = rng.choice(jobs) if jobs and rng.random() < 0.9 else "no-such-id"
+    if op == "admit":
+        slots.append((owner, uuid.UUID(int=rng.getrandbits(128)).hex))
+        return op, (owner, limits, slots[-1][1], lease, now)
+    if op in ("renew", "release") and slots:
+        owner, slot = rng.choice(slots)
+        return op, (owner, slot, lease, now) if op == "renew" else (owner, slot, now)
+    if op == "enqueue":
+        job = Job(id=str(uuid.UUID(int=rng.getrandbits(128))), owner=owner, api="fal", input={"x": rng.random()},
+                  max_concurrent=rng.randint(1, 3), created_at=0.0)
+        jobs.append(job.id)
+        return op, (job, limits, rng.random() < 0.5, now)
+    if op == "finish":
+        kind = rng.choice(["ok", "cancelled", "image_load", None])
+        result = JobResult(chunks=["a"], num_input_tokens=1, num_output_tokens=1, finish_reason="stop")
+        error = JobError(kind=kind, message="m", detail={"n": None}) if kind not in ("ok", None) else None
+        return op, (job_id, runner, result if kind == "ok" else None, error, now)
+    return {  # renew / release before any admit: a reap instead
+        "get": ("get", (job_id, owner, now)), "cancel": ("cancel", (job_id, owner, now)),
+        "claim": ("claim", (runner, lease, now)), "heartbeat": ("heartbeat", (job_id, runner, lease, now)),
+        "log": ("log", (job_id, runner, f"line at {now}", now)),
+    }.get(op, ("reap", (now,)))
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_redis_answers_exactly_as_memory_store(redis_url, seed):
+    """Random operation sequences, run in lockstep on the reference MemoryStore and on Redis: every
+    answer must be equal, floats included (a real-epoch clock with fractions, leases and TTLs lapsing)."""
+    rng = random.Random(seed)
+    memory = MemoryStore(result_ttl_s=100.0, max_attempts=2)
+    backend = RedisBackend(redis_url, 100.0, max_attempts=2, prefix=f"test-{uuid.uuid4().hex}")
+    now, slots, jobs = 1_700_000_000.123456, [], []
+    try:
+        for step in range(400):
+            now += rng.choice([0.0, 0.0, 0.001, 0.5, 3.3, 10.0, 31.0, 61.7])
+            op, args = random_call(rng, now, slots, jobs)
+            expected = getattr(memory, op)(*args)
+            if isinstance(expected, Job):
+                expected = expected.model_copy(deep=True)  # later operations mutate the store's own
+            assert await backend.call(op, *args) == expected, (step, op, args)
+    finally:
+        await backend.aclose()

@@ -18,20 +18,7 @@ TTL = 3600.0
 LEASE = 30.0
 
 
-class Clock:
-    def __init__(self, now: float = 1_000_000.0):
-        self.now = now
 
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock():
-    return Clock()
 
 
 @pytest.fixture(params=["memory", "ray_actor", "redis"])
@@ -246,3 +233,36 @@ def test_results_expire_after_the_ttl(store, clock):
     run(store.reap())
     assert run(store.get(j.id, "alice")) is None
     assert run(store.cancel(j.id, "alice")) == CancelOutcome.NOT_FOUND
+
+
+def test_a_lapsed_lease_cannot_be_renewed_over_the_cap(store, clock):
+    limits = Limits(rate_per_minute=100, max_concurrent=1)
+    late = run(store.admit("alice", limits, lease_s=10))
+    clock.advance(10.5)  # the holder missed its renewal: the slot is free
+    assert not run(store.renew("alice", late.slot, 10))
+    assert run(store.admit("alice", limits, LEASE)).allowed  # and stays the only one in flight
+    assert run(store.admit("alice", limits, LEASE)).reason == "concurrency"
+
+
+def test_a_late_heartbeat_loses_the_job(store, clock):
+    j = job(cap=1)
+    run(store.enqueue(j, L, cap_pending=False))
+    run(store.claim("r1", LEASE))
+    clock.advance(LEASE + 0.5)
+    assert run(store.admit("alice", Limits(rate_per_minute=100, max_concurrent=1), LEASE)).allowed
+    assert run(store.heartbeat(j.id, "r1", LEASE)) is False  # not re-taken on top of the new holder
+    assert run(store.admit("alice", Limits(rate_per_minute=100, max_concurrent=1), LEASE)).reason == "concurrency"
+
+
+def test_lost_jobs_go_back_in_accept_order_ahead_of_newer_work(store, clock):
+    lost = [job(), job(), job()]
+    for j in lost:
+        run(store.enqueue(j, L, cap_pending=False))
+    for _ in lost:
+        run(store.claim("r1", LEASE))
+    newer = job()
+    run(store.enqueue(newer, L, cap_pending=False))
+    clock.advance(LEASE + 1)
+    assert run(store.reap()) == 3
+    order = [run(store.claim("r2", LEASE)).id for _ in range(4)]
+    assert order == [j.id for j in lost] + [newer.id]
