@@ -49,10 +49,22 @@ class JobResult(BaseModel):
 
 
 class JobError(BaseModel):
+    model_config = ConfigDict(frozen=True)  # shared constants (CANCELLED) must not be mutated
+
     kind: str = Field(description="validation | image_download | image_load | input | unavailable | "
                       "worker_lost | cancelled | internal")
     message: str
     detail: Any = Field(None, description="API-specific detail to replay (e.g. fal's 422 detail list).")
+
+
+CANCELLED = JobError(kind="cancelled", message="Cancelled.")
+
+
+def final_status(result: JobResult | None, error: JobError | None) -> JobStatus:
+    """The terminal status a runner's outcome stands for."""
+    if result is not None:
+        return JobStatus.SUCCEEDED
+    return JobStatus.CANCELLED if error is not None and error.kind == "cancelled" else JobStatus.FAILED
 
 
 class Job(BaseModel):

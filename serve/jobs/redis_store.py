@@ -32,6 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from serve.jobs.models import (
+    CANCELLED,
     WINDOW_S,
     Admission,
     CancelOutcome,
@@ -41,6 +42,7 @@ from serve.jobs.models import (
     JobStatus,
     Limits,
     LogLine,
+    final_status,
 )
 from serve.jobs.store import WORKER_LOST, StoreUnavailable
 
@@ -49,7 +51,7 @@ SAFETY_MARGIN_S = 3600.0  # how long past its logical expiry a leftover key may 
 # The hash fields scripts read or change, one each; the rest of a Job travels as `body`.
 _FIELDS = {"owner", "max_concurrent", "status", "created_at", "started_at", "finished_at", "expires_at",
            "attempts", "runner", "lease_until", "cancel_requested", "result", "error"}
-_CANCELLED = JobError(kind="cancelled", message="Cancelled.").model_dump_json()
+_CANCELLED = CANCELLED.model_dump_json()
 _LOST = JobError(kind="worker_lost", message=WORKER_LOST).model_dump_json()
 
 # Prepended to every script. ARGV[1] is the key prefix; each operation's arguments follow it.
@@ -418,11 +420,7 @@ class RedisBackend:
     async def _finish(
         self, job_id: str, runner: str, result: JobResult | None, error: JobError | None, now: float
     ) -> bool:
-        if result is not None:
-            status = JobStatus.SUCCEEDED
-        else:
-            status = JobStatus.CANCELLED if error is not None and error.kind == "cancelled" else JobStatus.FAILED
-        return bool(await self._run("finish", job_id, runner, status.value,
+        return bool(await self._run("finish", job_id, runner, final_status(result, error).value,
                                     result.model_dump_json() if result is not None else "",
                                     error.model_dump_json() if error is not None else "", now, self._ttl))
 

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from serve.config import JobsConfig
 from serve.engine.types import EngineInputError, EngineUnavailable
-from serve.jobs.models import Job, JobError, JobResult
+from serve.jobs.models import CANCELLED, Job, JobError, JobResult
 from serve.jobs.store import JobStore
 from serve.media.intake import ImageDownloadError, MediaError
 
@@ -98,7 +98,7 @@ class JobRunner:
             try:
                 result, error = work.result(), None
             except asyncio.CancelledError:
-                result, error = None, JobError(kind="cancelled", message="Cancelled.")
+                result, error = None, CANCELLED
             except Exception as exc:
                 result, error = None, job_error(exc, executor.detail(exc, job))
             await self._store.finish(job.id, self._id, result=result, error=error)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol
 
 from serve.config import ServeConfig
 from serve.jobs.models import (
+    CANCELLED,
     WINDOW_S,
     Admission,
     CancelOutcome,
@@ -28,6 +29,7 @@ from serve.jobs.models import (
     JobStatus,
     Limits,
     LogLine,
+    final_status,
 )
 
 WORKER_LOST = "The worker running this request stopped responding; it could not be completed."
@@ -155,11 +157,7 @@ class MemoryStore:
         job = self._running(job_id, runner)
         if job is None:
             return False  # the lease was lost: someone else owns the outcome now
-        if result is not None:
-            status = JobStatus.SUCCEEDED
-        else:
-            status = JobStatus.CANCELLED if error is not None and error.kind == "cancelled" else JobStatus.FAILED
-        self._terminate(job, status, now, result=result, error=error)
+        self._terminate(job, final_status(result, error), now, result=result, error=error)
         return True
 
     def cancel(self, job_id: str, owner: str, now: float) -> CancelOutcome:
@@ -171,7 +169,7 @@ class MemoryStore:
             return CancelOutcome.ALREADY_DONE
         if job.status == JobStatus.QUEUED:
             del self._queue[job_id]
-            self._terminate(job, JobStatus.CANCELLED, now, error=JobError(kind="cancelled", message="Cancelled."))
+            self._terminate(job, JobStatus.CANCELLED, now, error=CANCELLED)
             return CancelOutcome.CANCELLED
         job.cancel_requested = True
         return CancelOutcome.REQUESTED
@@ -186,7 +184,7 @@ class MemoryStore:
                 changed += 1
                 self._slots.get(job.owner, {}).pop(job.id, None)
                 if job.cancel_requested:
-                    self._terminate(job, JobStatus.CANCELLED, now, error=JobError(kind="cancelled", message="Cancelled."))
+                    self._terminate(job, JobStatus.CANCELLED, now, error=CANCELLED)
                 elif job.attempts < self._max_attempts:
                     job.status, job.runner, job.lease_until = JobStatus.QUEUED, None, None
                     job.logs.append(LogLine(timestamp=now, message="Worker lost; re-queued."))

@@ -4,7 +4,6 @@ import asyncio
 import threading
 
 import httpx
-import pytest
 import uvicorn
 
 from serve.ingress import create_app
