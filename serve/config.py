@@ -133,6 +133,10 @@ class IngressConfig(DeploymentConfig):
 class HttpConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port of the Serve HTTP proxy (env PORT overrides).")
+    public_base_url: str | None = Field(
+        None, description="Base URL clients reach this server at, for URLs put in responses (e.g. "
+        "https://llava.example.com); None = the base URL of each request as it arrived."
+    )
 
 
 class AuthConfig(_Strict):
@@ -234,6 +238,15 @@ class StoreConfig(_Strict):
         return self
 
 
+class EachlabsConfig(_Strict):
+    price_per_second: float = Field(
+        0.0011, ge=0, description="USD per second of prediction time, reported as metrics.cost (llava-13b's price)."
+    )
+    webhook_attempts: int = Field(3, ge=1, description="Deliveries tried per webhook (any 2xx acknowledges).")
+    webhook_interval_s: float = Field(10.0, ge=0, description="Wait between webhook delivery attempts.")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Deadline of one webhook delivery attempt.")
+
+
 class ServeConfig(_Strict):
     app_name: str = Field("llava", description="Ray Serve application name.")
     model: ModelConfig = Field(description="The model and its prompt template.")
@@ -248,6 +261,7 @@ class ServeConfig(_Strict):
     media: MediaConfig = Field(default_factory=MediaConfig, description="Image intake bounds.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Job store and limiter backend.")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Job leases and the runners in the ingress.")
+    eachlabs: EachlabsConfig = Field(default_factory=EachlabsConfig, description="Eachlabs prediction API settings.")
 
     @field_validator("app_name")
     @classmethod

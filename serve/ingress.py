@@ -9,6 +9,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from serve.api.eachlabs.jobs import EachlabsExecutor
+from serve.api.eachlabs.routes import router as eachlabs_router
 from serve.api.fal.jobs import FalExecutor
 from serve.api.fal.routes import router as fal_router
 from serve.api.services import Services
@@ -48,6 +50,7 @@ def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
         return JSONResponse({"status": "ready"})
 
     app.include_router(fal_router)
+    app.include_router(eachlabs_router)
     return app
 
 
@@ -66,6 +69,6 @@ class Ingress:
         self._runner_id = serve.get_replica_context().replica_id.to_full_id_str()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        executors = {"fal": FalExecutor(self._services)}
+        executors = {"fal": FalExecutor(self._services), "eachlabs": EachlabsExecutor(self._services)}
         runner = JobRunner(self._services.store, self._runner_id, executors, self._services.config.jobs)
         return create_app(self._services, runner)

@@ -151,3 +151,21 @@ async def test_redis_answers_exactly_as_memory_store(redis_url, seed):
             assert await backend.call(op, *args) == expected, (step, op, args)
     finally:
         await backend.aclose()
+
+
+def test_the_production_config_builds_a_redis_store(redis_url, tmp_path):
+    """`store.backend: redis` (as in configs/llava-1.5-13b-l40s.yaml) reaches the same Redis semantics."""
+    from serve.config import load_config
+    from serve.jobs.store import build_store
+    from tests.conftest import CONFIGS
+
+    cfg = load_config(CONFIGS / "llava-1.5-13b-l40s.yaml", env={})
+    cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"redis_url": redis_url}),
+                                 "app_name": f"t{tmp_path.name}"})
+
+    async def two_admits():
+        store = build_store(cfg)
+        limits = Limits(rate_per_minute=1, max_concurrent=5)
+        return [(await store.admit("alice", limits, LEASE)).allowed for _ in range(2)]
+
+    assert asyncio.run(two_admits()) == [True, False]

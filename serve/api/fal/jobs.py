@@ -6,8 +6,8 @@ from typing import Any
 
 from serve.api.fal.errors import to_fal_error
 from serve.api.fal.protocol import FalInput, to_generation_request
+from serve.api.jobs import generate_for_job
 from serve.api.services import Services
-from serve.engine.types import collect
 from serve.jobs.models import Job, JobResult
 from serve.jobs.runner import LogFn
 
@@ -18,19 +18,14 @@ class FalExecutor:
 
     async def run(self, job: Job, log: LogFn) -> JobResult:
         inp = FalInput.model_validate(job.input)
-        image = await self._services.media.load(inp.image_url)
-        await log(f"Image fetched ({image.width}x{image.height})")
-        gen = to_generation_request(
-            inp, request_id=job.id, owner=job.owner, image=image, model=self._services.config.model, stream=True
-        )
-        await log("Generating")
-        chunks, done = await collect(self._services.engine.generate(gen))
-        await log(f"Generated {done.num_output_tokens} tokens from {done.num_input_tokens} input tokens")
-        return JobResult(
-            chunks=chunks,
-            num_input_tokens=done.num_input_tokens,
-            num_output_tokens=done.num_output_tokens,
-            finish_reason=done.finish_reason,
+        model = self._services.config.model
+        return await generate_for_job(
+            self._services,
+            inp.image_url,
+            lambda image: to_generation_request(
+                inp, request_id=job.id, owner=job.owner, image=image, model=model, stream=True
+            ),
+            log,
         )
 
     def detail(self, exc: Exception, job: Job) -> Any:
