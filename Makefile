@@ -14,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 serve: install tiny-model
 	$(VENV)/bin/llava-serve run $(CONFIG)
 
-test: install redis-server tiny-model
+test: install redis-server js-clients tiny-model
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 check: install tiny-model
@@ -28,6 +28,13 @@ install: $(STAMP)
 redis-server:
 	@command -v redis-server >/dev/null || { apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server; }
+
+# The real JS clients the tests drive, exactly as locked (Node >= 18 from the machine).
+JS := tests/clients/js
+.PHONY: js-clients
+js-clients: $(JS)/node_modules/.package-lock.json
+$(JS)/node_modules/.package-lock.json: $(JS)/package.json $(JS)/package-lock.json
+	npm ci --prefix $(JS) --no-audit --no-fund
 
 # Re-installs only when a pin, the project metadata or the fix-up changes.
 $(STAMP): requirements.txt constraints.txt pyproject.toml tools/fixup_venv.py

@@ -26,6 +26,7 @@ CONC_KEY, CONC_LIMIT = "tests-conc-key-1", 3
 TEST_KEYS = [
     # The general key (the README's too) gets room for the whole suite; the others test the limits.
     {"key": "local-test-key", "name": "local-dev", "rate_per_minute": 100_000, "max_concurrent": 64},
+    {"key": "local-each-key", "name": "local-eachlabs", "rate_per_minute": 100_000, "max_concurrent": 64},
     {"key": RATE_KEY, "name": "tests-rate", "rate_per_minute": RATE_LIMIT, "max_concurrent": 1000},
     {"key": CONC_KEY, "name": "tests-conc", "rate_per_minute": 100_000, "max_concurrent": CONC_LIMIT},
 ]

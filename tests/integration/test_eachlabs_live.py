@@ -1,0 +1,67 @@
+"""Eachlabs predictions on the live stack with real clients: the documented Python code, the JS SDK."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import requests
+
+from tests.conftest import ROOT, data_uri
+from tests.integration.conftest import wait_for_abort
+
+KEY = "local-each-key"
+SDK = ROOT / "tests" / "clients" / "js"
+
+
+def test_documented_python_client(stack):
+    # api-spec §5.3, base URL swapped (and a data: URI for the image, max_tokens lowered).
+    BASE = stack
+    H = {"X-API-Key": KEY, "Content-Type": "application/json"}
+    pid = requests.post(f"{BASE}/v1/prediction/", headers=H, json={
+        "model": "llava-13b", "version": "0.0.1",
+        "input": {"image": data_uri(), "top_p": "1", "prompt": "Describe",
+                  "max_tokens": "24", "temperature": "0.2"}}).json()["predictionID"]
+    while (r := requests.get(f"{BASE}/v1/prediction/{pid}", headers=H).json())["status"] not in ("success", "error", "cancelled"):
+        time.sleep(1)
+    assert r["status"] == "success", r
+    assert isinstance(r["output"], list) and len("".join(r["output"])) == 24  # one character per token
+    assert len(r["output"]) > 1  # the chunks as the engine streamed them
+    assert r["input"]["max_tokens"] == "24" and r["metrics"]["predict_time"] > 0
+    assert r["urls"]["get"] == f"{BASE}/v1/prediction/{pid}"
+
+
+def sdk(stack, scenario):
+    env = {**os.environ, "LLAVA_BASE_URL": stack, "EACH_API_KEY": KEY, "IMAGE": data_uri()}
+    proc = subprocess.run(["node", "eachlabs.cjs", scenario], cwd=SDK, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_js_sdk_create_and_get(stack):
+    out = sdk(stack, "create_get")
+    assert out["created"]["status"] == "success" and out["created"]["predictionID"]
+    assert out["done"]["status"] == "success" and len("".join(out["done"]["output"])) == 8
+
+
+def test_js_sdk_cancel_of_a_running_prediction(stack, engine_stats):
+    before = engine_stats()
+    out = sdk(stack, "cancel")
+    assert out["cancelled"] == {"status": "success", "message": "Prediction cancelled successfully"}
+    assert out["done"]["status"] == "cancelled" and out["done"]["output"] is None
+    assert wait_for_abort(engine_stats, before)["aborted"] == before["aborted"] + 1  # the engine request too
+
+
+def test_js_sdk_run(stack):
+    done = sdk(stack, "run")["done"]
+    assert done["status"] == "success" and len("".join(done["output"])) == 4
+
+
+def test_js_sdk_sees_errors_in_eachlabs_shape(stack):
+    failures = sdk(stack, "errors")["failures"]
+    assert failures[0].startswith("Request failed: ") and "Invalid input for model: image" in failures[0]
+    assert failures[1] == 'Request failed: {"error":"Prediction not found"}'
