@@ -14,12 +14,10 @@ from serve.api.eachlabs.routes import router as eachlabs_router
 from serve.api.fal.jobs import FalExecutor
 from serve.api.fal.routes import router as fal_router
 from serve.api.services import Services
-from serve.auth import KeyRing
 from serve.config import ServeConfig
 from serve.engine.server import HandleEngine
 from serve.jobs.runner import JobRunner
 from serve.jobs.store import build_store
-from serve.media.intake import ImageIntake
 
 
 def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
@@ -32,7 +30,7 @@ def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
         finally:
             if runner is not None:
                 await runner.stop()
-            await services.media.aclose()
+            await services.aclose()
 
     app = FastAPI(title="llava-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.services = services
@@ -58,13 +56,7 @@ class Ingress:
     """Applied as a Serve deployment by `serve.app`; `serve.ingress()` calls the builder below."""
 
     def __init__(self, cfg: ServeConfig, llm_handle):
-        self._services = Services(
-            config=cfg,
-            keys=KeyRing.load(cfg.auth.keys_file, cfg.limits),
-            engine=HandleEngine(llm_handle),
-            media=ImageIntake(cfg.media),
-            store=build_store(cfg),
-        )
+        self._services = Services.build(cfg, HandleEngine(llm_handle), build_store(cfg))
         # The replica's id is also its actor's name: a job's runner names the replica running it.
         self._runner_id = serve.get_replica_context().replica_id.to_full_id_str()
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import base64
+import http.server
 import io
+import json
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +55,31 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class Receiver:
+    """A local webhook endpoint answering with the given statuses in turn (the last one repeats)."""
+
+    def __init__(self, statuses, delay=0.0):
+        self.calls: list[tuple[dict, dict]] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                receiver.calls.append((body, dict(self.headers)))
+                time.sleep(delay)
+                status = statuses[min(len(receiver.calls), len(statuses)) - 1]
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+
+    def close(self):
+        self._server.shutdown()

@@ -50,13 +50,11 @@ class SlowEngine(FakeEngine):
 def make_services(engine, keys_file=None, backend=None):
     """The ingress' services on the embedded default config, with an in-process store by default."""
     from serve.api.services import Services
-    from serve.auth import KeyRing
     from serve.config import load_config
     from serve.jobs.store import JobStore, LocalBackend, MemoryStore
-    from serve.media.intake import ImageIntake
     from tests.conftest import CONFIGS
 
     env = {"LLAVA_SERVE_KEYS_FILE": str(keys_file)} if keys_file else {}
     cfg = load_config(CONFIGS / "local-cpu.yaml", env=env)
     store = JobStore(backend or LocalBackend(MemoryStore(cfg.store.result_ttl_s, cfg.jobs.max_attempts)))
-    return Services(cfg, KeyRing.load(cfg.auth.keys_file, cfg.limits), engine, ImageIntake(cfg.media), store)
+    return Services.build(cfg, engine, store)

@@ -12,6 +12,7 @@ from serve.config import ServeConfig
 from serve.engine.types import Engine
 from serve.jobs.store import JobStore
 from serve.media.intake import ImageIntake
+from serve.webhooks import WebhookSender
 
 
 @dataclass
@@ -21,6 +22,28 @@ class Services:
     engine: Engine
     media: ImageIntake
     store: JobStore
+    webhooks: WebhookSender
+
+    @classmethod
+    def build(cls, cfg: ServeConfig, engine: Engine, store: JobStore) -> Services:
+        """Everything but the engine and the store, from the config."""
+        return cls(
+            config=cfg,
+            keys=KeyRing.load(cfg.auth.keys_file, cfg.limits),
+            engine=engine,
+            media=ImageIntake(cfg.media),
+            store=store,
+            webhooks=WebhookSender(
+                cfg.media,
+                attempts=cfg.eachlabs.webhook_attempts,
+                interval_s=cfg.eachlabs.webhook_interval_s,
+                timeout_s=cfg.eachlabs.webhook_timeout_s,
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self.media.aclose()
+        await self.webhooks.aclose()
 
 
 def get_services(request: Request) -> Services:

@@ -32,6 +32,9 @@ class Executor(Protocol):
     def detail(self, exc: Exception, job: Job) -> Any:
         """What the API needs to replay this failure to its client (e.g. fal's HTTP status and body)."""
 
+    def finished(self, job: Job) -> None:
+        """Called with the terminal record once it is stored (webhooks); must not block."""
+
 
 def job_error(exc: Exception, detail: Any) -> JobError:
     if isinstance(exc, ValidationError):
@@ -101,7 +104,10 @@ class JobRunner:
                 result, error = None, CANCELLED
             except Exception as exc:
                 result, error = None, job_error(exc, executor.detail(exc, job))
-            await self._store.finish(job.id, self._id, result=result, error=error)
+            if await self._store.finish(job.id, self._id, result=result, error=error):
+                final = await self._store.get(job.id, job.owner)
+                if final is not None:
+                    executor.finished(final)
         except asyncio.CancelledError:
             work.cancel()  # the replica is stopping: the lease expires and another runner takes over
             raise

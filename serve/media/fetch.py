@@ -94,17 +94,7 @@ class Fetcher:
         )
 
     async def _send(self, url: httpx.URL) -> httpx.Response:
-        host = url.raw_host.decode("ascii")
-        address = await self._guard.address_for(host, url.port or _DEFAULT_PORTS[url.scheme])
-        # Connect to the address just checked; the server still sees the real hostname in Host and
-        # in TLS SNI, against which its certificate is verified.
-        request = self._http().build_request(
-            "GET",
-            url.copy_with(host=address),
-            headers={**_HEADERS, "Host": url.netloc.decode("ascii")},
-            extensions={"sni_hostname": host} if url.scheme == "https" else {},
-        )
-        return await self._http().send(request, stream=True)
+        return await send_pinned(self._http(), self._guard, "GET", url, headers=_HEADERS, stream=True)
 
     async def _body(self, resp: httpx.Response) -> bytes:
         if resp.status_code != 200:
@@ -133,6 +123,25 @@ class Fetcher:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+async def send_pinned(
+    client: httpx.AsyncClient, guard: AddressGuard, method: str, url: httpx.URL, *, headers: dict[str, str],
+    stream: bool = False, **request: object,
+) -> httpx.Response:
+    """Send to the address the guard just checked for `url`'s host (no second DNS answer can
+    differ); the server still sees the real hostname in Host and in TLS SNI, against which its
+    certificate is verified."""
+    host = url.raw_host.decode("ascii")
+    address = await guard.address_for(host, url.port or _DEFAULT_PORTS[url.scheme])
+    built = client.build_request(
+        method,
+        url.copy_with(host=address),
+        headers={**headers, "Host": url.netloc.decode("ascii")},
+        extensions={"sni_hostname": host} if url.scheme == "https" else {},
+        **request,
+    )
+    return await client.send(built, stream=stream)
 
 
 def _redirect_target(url: httpx.URL, resp: httpx.Response) -> httpx.URL:

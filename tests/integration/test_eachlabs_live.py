@@ -9,7 +9,7 @@ import time
 
 import requests
 
-from tests.conftest import ROOT, data_uri
+from tests.conftest import ROOT, Receiver, data_uri
 from tests.integration.conftest import wait_for_abort
 
 KEY = "local-each-key"
@@ -65,3 +65,24 @@ def test_js_sdk_sees_errors_in_eachlabs_shape(stack):
     failures = sdk(stack, "errors")["failures"]
     assert failures[0].startswith("Request failed: ") and "Invalid input for model: image" in failures[0]
     assert failures[1] == 'Request failed: {"error":"Prediction not found"}'
+
+
+def test_webhooks_on_success_and_failure(stack):
+    rx = Receiver([200])
+    try:
+        H = {"X-API-Key": KEY}
+        base = {"model": "llava-13b", "version": "0.0.1", "webhook_url": rx.url, "webhook_secret": "s3cret"}
+        ok = requests.post(f"{stack}/v1/prediction/", headers=H, json={
+            **base, "input": {"image": data_uri(), "prompt": "Describe", "max_tokens": "5"}}).json()["predictionID"]
+        bad = requests.post(f"{stack}/v1/prediction/", headers=H, json={
+            **base, "input": {"image": "data:image/png;base64,aGVsbG8=", "prompt": "Describe"}}).json()["predictionID"]
+        deadline = time.monotonic() + 30
+        while len(rx.calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        by_id = {body["exec_id"]: (body, headers) for body, headers in rx.calls}
+        assert by_id[ok][0]["status"] == "succeeded" and len("".join(by_id[ok][0]["output"])) == 5
+        assert by_id[bad][0]["status"] == "failed"
+        assert by_id[bad][0]["output"][0]["error"]["error_code"] == "INPUT_VALIDATION_ERROR"
+        assert all(headers["X-Webhook-Secret"] == "s3cret" for _, headers in rx.calls)
+    finally:
+        rx.close()

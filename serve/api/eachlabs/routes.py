@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from serve.api.eachlabs.errors import error, invalid_input, to_eachlabs_error
 from serve.api.eachlabs.protocol import MODEL, CreatePrediction, LlavaInput, prediction
-from serve.api.services import ApiError, Services, get_services
+from serve.api.services import Services, get_services
 from serve.auth import Caller
 from serve.jobs.limits import LimitExceeded, rate_limit_headers
 from serve.jobs.models import Admission, CancelOutcome, Job

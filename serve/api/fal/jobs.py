@@ -32,3 +32,6 @@ class FalExecutor:
         # fal replays a failed job's original HTTP error from the result endpoint.
         err = to_fal_error(exc, image_url=job.input.get("image_url"), prompt=job.input.get("prompt"))
         return {"status_code": err.status_code, "body": err.body}
+
+    def finished(self, job: Job) -> None:
+        pass  # fal's queue has no completion hook here; its webhook (fal_webhook) comes with the queue routes

@@ -1,0 +1,68 @@
+"""Outbound webhooks: delivered in the background with bounded retries, never blocking the job.
+
+A webhook URL is caller-supplied, so it passes the same SSRF guard as image URLs (the media
+allow-lists apply) and the request goes to the address that was checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httpx
+
+from serve.config import MediaConfig
+from serve.media.errors import MediaError
+from serve.media.fetch import send_pinned
+from serve.media.netguard import AddressGuard, Resolver, system_resolver
+
+log = logging.getLogger(__name__)
+
+
+class WebhookSender:
+    def __init__(
+        self, media: MediaConfig, *, attempts: int, interval_s: float, timeout_s: float,
+        resolve: Resolver = system_resolver,
+    ):
+        self._guard = AddressGuard(media.allow_networks, media.allow_hosts, resolve)
+        self._attempts, self._interval_s, self._timeout_s = attempts, interval_s, timeout_s
+        self._client: httpx.AsyncClient | None = None
+        self._pending: set[asyncio.Task] = set()  # held so running deliveries are not collected
+
+    def send(self, url: str, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(self.deliver(url, payload, headers or {}))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def deliver(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> bool:
+        """POST until a 2xx, at most `attempts` times; True when acknowledged."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(trust_env=False, timeout=self._timeout_s,
+                                             limits=httpx.Limits(max_keepalive_connections=0))
+        for attempt in range(1, self._attempts + 1):
+            try:
+                target = httpx.URL(url)
+                if target.scheme not in ("http", "https") or not target.raw_host:
+                    log.warning("webhook %s is not an http(s) URL; not sent", url)
+                    return False
+                resp = await send_pinned(self._client, self._guard, "POST", target, json=payload,
+                                         headers={"Content-Type": "application/json", **headers})
+                if 200 <= resp.status_code < 300:
+                    return True
+                log.info("webhook %s answered %d (attempt %d)", url, resp.status_code, attempt)
+            except MediaError as exc:  # refused by the SSRF guard, or unresolvable: retrying will not help
+                log.warning("webhook %s not sent: %s", url, exc)
+                return False
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                log.info("webhook %s failed: %s (attempt %d)", url, type(exc).__name__, attempt)
+            if attempt < self._attempts:
+                await asyncio.sleep(self._interval_s)
+        log.warning("webhook %s not acknowledged after %d attempts", url, self._attempts)
+        return False
+
+    async def aclose(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
+        if self._client is not None:
+            await self._client.aclose()
