@@ -6,13 +6,12 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from serve.api.translate import generation_request
 from serve.config import ModelConfig
 from serve.engine.types import GenerationRequest
 from serve.jobs.models import Job, JobError, JobStatus
 
 MODEL = "llava-13b"
-# vLLM needs top_p in (0, 1]; 0 (keep only the top token) keeps its meaning.
-_MIN_TOP_P = 1e-6
 
 
 def _integral(value: Any) -> Any:
@@ -72,15 +71,10 @@ STATUSES = {
 def to_generation_request(
     inp: LlavaInput, *, request_id: str, owner: str, image, model: ModelConfig
 ) -> GenerationRequest:
-    return GenerationRequest(
-        request_id=request_id,
-        owner=owner,
-        prompt=model.render_prompt(inp.prompt),
-        image=image,
-        max_tokens=inp.max_tokens,
-        temperature=inp.temperature,
-        top_p=max(inp.top_p, _MIN_TOP_P),
-        stream=True,  # the output is the list of chunks as the engine streamed them
+    # Streamed: the output is the list of chunks as the engine streamed them.
+    return generation_request(
+        request_id=request_id, owner=owner, model=model, prompt=inp.prompt, image=image,
+        max_tokens=inp.max_tokens, temperature=inp.temperature, top_p=inp.top_p, stream=True,
     )
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve.api.translate import generation_request
 from serve.config import ModelConfig
 from serve.engine.types import Completion, GenerationRequest
 
 APP_ID = "fal-ai/llavav15-13b"
 MAX_NEW_TOKENS = 2048
-# vLLM needs top_p in (0, 1]; fal allows 0, whose meaning (keep only the top token) this keeps.
-_MIN_TOP_P = 1e-6
 
 
 class FalInput(BaseModel):
@@ -45,15 +44,9 @@ class FalOutput(BaseModel):
 def to_generation_request(
     inp: FalInput, *, request_id: str, owner: str, image, model: ModelConfig, stream: bool = False
 ) -> GenerationRequest:
-    return GenerationRequest(
-        request_id=request_id,
-        owner=owner,
-        prompt=model.render_prompt(inp.prompt),
-        image=image,
-        max_tokens=inp.resolved_max_tokens(),
-        temperature=inp.temperature,
-        top_p=max(inp.top_p, _MIN_TOP_P),
-        stream=stream,
+    return generation_request(
+        request_id=request_id, owner=owner, model=model, prompt=inp.prompt, image=image,
+        max_tokens=inp.resolved_max_tokens(), temperature=inp.temperature, top_p=inp.top_p, stream=stream,
     )
 
 
