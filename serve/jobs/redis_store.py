@@ -264,6 +264,8 @@ if running_by(ARGV[2], ARGV[3]) then redis.call('RPUSH', key('logs', ARGV[2]), A
     "finish": """
 local id, runner = ARGV[2], ARGV[3]
 if not running_by(id, runner) then return 0 end
+-- A lapsed lease is lost even before reap notices: the job goes back to the queue, not to this outcome.
+if tonumber(redis.call('HGET', key('job', id), 'lease_until')) <= tonumber(ARGV[7]) then return 0 end
 terminate(id, ARGV[4], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[5], ARGV[6])
 return 1
 """,

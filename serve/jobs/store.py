@@ -155,8 +155,8 @@ class MemoryStore:
 
     def finish(self, job_id: str, runner: str, result: JobResult | None, error: JobError | None, now: float) -> bool:
         job = self._running(job_id, runner)
-        if job is None:
-            return False  # the lease was lost: someone else owns the outcome now
+        if job is None or job.lease_until <= now:
+            return False  # the lease was lost (even if reap has not noticed): the job goes back to the queue
         self._terminate(job, final_status(result, error), now, result=result, error=error)
         return True
 

@@ -252,6 +252,10 @@ def test_a_late_heartbeat_loses_the_job(store, clock):
     assert run(store.admit("alice", Limits(rate_per_minute=100, max_concurrent=1), LEASE)).allowed
     assert run(store.heartbeat(j.id, "r1", LEASE)) is False  # not re-taken on top of the new holder
     assert run(store.admit("alice", Limits(rate_per_minute=100, max_concurrent=1), LEASE)).reason == "concurrency"
+    # The runner stops; its outcome is refused too (it is not cancelled), and reap re-queues the job.
+    assert run(store.finish(j.id, "r1", error=JobError(kind="cancelled", message="Cancelled."))) is False
+    run(store.reap())
+    assert run(store.get(j.id, "alice")).status == JobStatus.QUEUED
 
 
 def test_lost_jobs_go_back_in_accept_order_ahead_of_newer_work(store, clock):
