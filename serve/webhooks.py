@@ -14,7 +14,7 @@ import httpx
 
 from serve.config import MediaConfig
 from serve.media.errors import MediaError
-from serve.media.fetch import send_pinned
+from serve.media.fetch import pinned_client, send_pinned, url_problem
 from serve.media.netguard import AddressGuard, Resolver, system_resolver
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,18 @@ class WebhookSender:
 
     async def deliver(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> bool:
         """POST until a 2xx, at most `attempts` times; True when acknowledged."""
+        try:
+            target = httpx.URL(url)
+            problem = url_problem(target)
+        except httpx.InvalidURL:
+            problem = "is not a valid URL"
+        if problem:  # no attempt can succeed
+            log.warning("webhook %s %s; not sent", url, problem)
+            return False
         if self._client is None:
-            self._client = httpx.AsyncClient(trust_env=False, timeout=self._timeout_s,
-                                             limits=httpx.Limits(max_keepalive_connections=0))
+            self._client = pinned_client(self._timeout_s)
         for attempt in range(1, self._attempts + 1):
             try:
-                target = httpx.URL(url)
-                if target.scheme not in ("http", "https") or not target.raw_host:
-                    log.warning("webhook %s is not an http(s) URL; not sent", url)
-                    return False
                 resp = await send_pinned(self._client, self._guard, "POST", target, json=payload,
                                          headers={"Content-Type": "application/json", **headers})
                 if 200 <= resp.status_code < 300:
@@ -54,7 +57,7 @@ class WebhookSender:
             except MediaError as exc:  # refused by the SSRF guard, or unresolvable: retrying will not help
                 log.warning("webhook %s not sent: %s", url, exc)
                 return False
-            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            except httpx.HTTPError as exc:
                 log.info("webhook %s failed: %s (attempt %d)", url, type(exc).__name__, attempt)
             if attempt < self._attempts:
                 await asyncio.sleep(self._interval_s)

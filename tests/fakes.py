@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from serve.engine.types import Completion, EngineUnavailable, GenerationRequest, TextDelta
 
 
@@ -34,8 +36,6 @@ class SlowEngine(FakeEngine):
         self.cancelled = 0
 
     async def generate(self, request: GenerationRequest):
-        import asyncio
-
         self.requests.append(request)
         try:
             for i in range(request.max_tokens):

@@ -95,6 +95,7 @@ class Admission(BaseModel):
     allowed: bool
     reason: str | None = Field(None, description="rate | concurrency, when refused")
     limit: int = Field(description="The key's rate limit per window.")
+    max_concurrent: int = Field(description="The key's concurrency cap.")
     remaining: int = Field(description="Requests left in the current window.")
     reset_s: float = Field(description="Seconds until the oldest admission leaves the window.")
     retry_after_s: float = Field(0.0, description="Seconds until a retry can succeed (refusals).")

@@ -100,7 +100,7 @@ local function decide(owner, rate, cap, now, in_flight_extra)
   local slots = prune_slots(owner, now)
   local count = redis.call('ZCARD', window)
   local oldest = tonumber(redis.call('ZRANGE', window, 0, 0, 'WITHSCORES')[2])
-  local d = {allowed = false, limit = rate, remaining = math.max(0, rate - count),
+  local d = {allowed = false, limit = rate, max_concurrent = cap, remaining = math.max(0, rate - count),
              reset_s = oldest and oldest + WINDOW_S - now or 0}
   if count >= rate then
     d.reason, d.retry_after_s = 'rate', d.reset_s

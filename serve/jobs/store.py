@@ -65,8 +65,8 @@ class MemoryStore:
         work counted against the concurrency cap beyond the slots; None = no concurrency check."""
         window, slots = self._prune(owner, now)
         reset_s = window[0] + WINDOW_S - now if window else 0.0
-        base = {"limit": limits.rate_per_minute, "remaining": max(0, limits.rate_per_minute - len(window)),
-                "reset_s": reset_s}
+        base = {"limit": limits.rate_per_minute, "max_concurrent": limits.max_concurrent,
+                "remaining": max(0, limits.rate_per_minute - len(window)), "reset_s": reset_s}
         if len(window) >= limits.rate_per_minute:
             return Admission(allowed=False, reason="rate", retry_after_s=reset_s, **base)
         if in_flight_extra is not None and len(slots) + in_flight_extra >= limits.max_concurrent:

@@ -33,14 +33,8 @@ class Fetcher:
     def _http(self) -> httpx.AsyncClient:
         # Created lazily, inside the event loop that will use it.
         if self._client is None:
-            self._client = httpx.AsyncClient(
-                # Environment proxies or .netrc would send the request somewhere the guard never checked.
-                trust_env=False,
-                verify=self._verify,
-                timeout=httpx.Timeout(self._cfg.read_timeout_s, connect=self._cfg.connect_timeout_s),
-                # The pool is keyed by IP, but TLS is authenticated per hostname (SNI): a kept-alive
-                # connection could serve another hostname at the same IP unauthenticated.
-                limits=httpx.Limits(max_keepalive_connections=0),
+            self._client = pinned_client(
+                httpx.Timeout(self._cfg.read_timeout_s, connect=self._cfg.connect_timeout_s), verify=self._verify
             )
         return self._client
 
@@ -49,7 +43,7 @@ class Fetcher:
             target = httpx.URL(url)
         except httpx.InvalidURL:
             raise ImageLoadError("image_url is not a valid URL.") from None
-        problem = _problem(target)
+        problem = url_problem(target)
         if problem:
             raise ImageLoadError(f"image_url {problem}; expected e.g. https://example.com/cat.jpg.")
         try:
@@ -125,6 +119,19 @@ class Fetcher:
             await self._client.aclose()
 
 
+def pinned_client(timeout: httpx.Timeout | float, verify: ssl.SSLContext | bool = True) -> httpx.AsyncClient:
+    """A client fit for `send_pinned`."""
+    return httpx.AsyncClient(
+        # Environment proxies or .netrc would send the request somewhere the guard never checked.
+        trust_env=False,
+        verify=verify,
+        timeout=timeout,
+        # The pool is keyed by IP, but TLS is authenticated per hostname (SNI): a kept-alive
+        # connection could serve another hostname at the same IP unauthenticated.
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
+
+
 async def send_pinned(
     client: httpx.AsyncClient, guard: AddressGuard, method: str, url: httpx.URL, *, headers: dict[str, str],
     stream: bool = False, **request: object,
@@ -152,13 +159,13 @@ def _redirect_target(url: httpx.URL, resp: httpx.Response) -> httpx.URL:
         target = url.join(location)
     except httpx.InvalidURL:
         raise ImageDownloadError("The image URL redirected to an invalid URL.") from None
-    problem = _problem(target)
+    problem = url_problem(target)
     if problem:
         raise ImageDownloadError(f"The image URL redirected to a URL that {problem}.")
     return target
 
 
-def _problem(url: httpx.URL) -> str | None:
+def url_problem(url: httpx.URL) -> str | None:
     """What makes `url` unusable as an image source, or None."""
     if url.scheme not in _DEFAULT_PORTS:
         return "is not an http(s) URL"

@@ -23,7 +23,7 @@ def invalid_input(exc: ValidationError) -> ApiError:
     return error(400, f"Invalid input for model: {where}: {first['msg']}")
 
 
-def to_eachlabs_error(exc: Exception, *, max_concurrent: int) -> ApiError:
+def to_eachlabs_error(exc: Exception) -> ApiError:
     """Map any failure of an Eachlabs request to its response."""
     if isinstance(exc, ApiError):
         return exc
@@ -32,7 +32,7 @@ def to_eachlabs_error(exc: Exception, *, max_concurrent: int) -> ApiError:
         if adm.reason == "rate":
             message = f"Rate limit exceeded. Please retry after {adm.retry_after} seconds."
         else:
-            message = f"Too many concurrent predictions (limit {max_concurrent}). Please retry later."
+            message = f"Too many concurrent predictions (limit {adm.max_concurrent}). Please retry later."
         return error(429, message, rate_limit_headers(adm))
     if isinstance(exc, StoreUnavailable):
         return error(503, "The prediction queue is unavailable; please retry.")

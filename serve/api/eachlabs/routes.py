@@ -32,9 +32,7 @@ class EachlabsRoute(APIRoute):
             try:
                 return await handler(request)
             except Exception as exc:
-                caller = getattr(request.state, "caller", None)
-                cap = caller.limits.max_concurrent if caller else 0
-                return to_eachlabs_error(exc, max_concurrent=cap).response()
+                return to_eachlabs_error(exc).response()
 
         return route
 
@@ -51,7 +49,6 @@ def each_caller(request: Request, services: Services = Depends(get_services)) ->
     caller = services.keys.authenticate(key) if key else None
     if caller is None:
         raise error(401, "Invalid or missing API key")
-    request.state.caller = caller
     return caller
 
 
