@@ -35,7 +35,10 @@ def start_local(cfg: ServeConfig) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # address="local": always a fresh private cluster, never one RAY_ADDRESS points at.
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    http = {"host": cfg.http.host, "port": cfg.http.port}
+    if cfg.http.tls_certfile is not None:
+        http.update(ssl_certfile=str(cfg.http.tls_certfile), ssl_keyfile=str(cfg.http.tls_keyfile))
+    serve.start(http_options=http)
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
 
 

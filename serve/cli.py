@@ -23,6 +23,10 @@ def check(cfg: ServeConfig) -> list[str]:
             f"model.source: no such directory {cfg.model.source} "
             "(the embedded default's model is built by `llava-serve tiny-model DIR`)"
         )
+    for name in ("tls_certfile", "tls_keyfile"):
+        path = getattr(cfg.http, name)
+        if path is not None and not path.is_file():
+            errors.append(f"http.{name}: no such file {path}")
     try:
         KeyRing.load(cfg.auth.keys_file, cfg.limits)
     except ConfigError as exc:
@@ -70,7 +74,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         start_local(cfg)
-        print(f"llava-serve: ready on http://{cfg.http.host}:{cfg.http.port} (Ctrl-C stops)", flush=True)
+        print(f"llava-serve: ready on {cfg.http.scheme}://{cfg.http.host}:{cfg.http.port} (Ctrl-C stops)", flush=True)
         stop.wait()
     finally:
         print("llava-serve: shutting down", flush=True)

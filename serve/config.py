@@ -137,6 +137,21 @@ class HttpConfig(_Strict):
         None, description="Base URL clients reach this server at, for URLs put in responses (e.g. "
         "https://llava.example.com); None = the base URL of each request as it arrived."
     )
+    tls_certfile: Path | None = Field(
+        None, description="PEM certificate chain: with tls_keyfile, the Serve proxy speaks HTTPS (what fal's Python "
+        "client needs when pointed here by FAL_RUN_HOST alone). Usually TLS ends at the cluster's ingress instead."
+    )
+    tls_keyfile: Path | None = Field(None, description="PEM private key of tls_certfile.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> HttpConfig:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile go together")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_certfile else "http"
 
 
 class AuthConfig(_Strict):
@@ -242,9 +257,26 @@ class EachlabsConfig(_Strict):
     price_per_second: float = Field(
         0.0011, ge=0, description="USD per second of prediction time, reported as metrics.cost (llava-13b's price)."
     )
-    webhook_attempts: int = Field(3, ge=1, description="Deliveries tried per webhook (any 2xx acknowledges).")
-    webhook_interval_s: float = Field(10.0, ge=0, description="Wait between webhook delivery attempts.")
-    webhook_timeout_s: float = Field(10.0, gt=0, description="Deadline of one webhook delivery attempt.")
+
+
+class FalConfig(_Strict):
+    queue_base_url: str | None = Field(
+        None, description="Where clients reach the fal queue API, for the status/response/cancel URLs a submit "
+        "returns (fal's Python client follows them), e.g. https://llava.example.com/queue/. None = derived from "
+        "each request: <scheme>://<Host>/queue/, or <scheme>://<Host>/ when the Host starts with 'queue.'."
+    )
+    status_stream_poll_s: float = Field(
+        0.1, gt=0, description="How often a status stream (/status/stream) looks for news of its job."
+    )
+
+
+class WebhooksConfig(_Strict):
+    attempts: int = Field(6, ge=1, description="Deliveries tried per webhook (any 2xx acknowledges).")
+    backoff_s: float = Field(
+        5.0, ge=0, description="Wait before the second attempt; each later wait doubles (5, 10, 20, ... s)."
+    )
+    max_backoff_s: float = Field(300.0, ge=0, description="Longest wait between two attempts.")
+    timeout_s: float = Field(15.0, gt=0, description="Deadline of one delivery attempt.")
 
 
 class ServeConfig(_Strict):
@@ -262,6 +294,10 @@ class ServeConfig(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig, description="Job store and limiter backend.")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Job leases and the runners in the ingress.")
     eachlabs: EachlabsConfig = Field(default_factory=EachlabsConfig, description="Eachlabs prediction API settings.")
+    fal: FalConfig = Field(default_factory=FalConfig, description="fal API settings.")
+    webhooks: WebhooksConfig = Field(
+        default_factory=WebhooksConfig, description="Outbound webhooks of both APIs (fal_webhook, Eachlabs webhook_url)."
+    )
 
     @field_validator("app_name")
     @classmethod
@@ -316,7 +352,13 @@ def parse_config(data: Any, base_dir: Path, env: Mapping[str, str], source: str 
     if _is_path(model.source):
         model = model.model_copy(update={"source": str((base_dir / Path(model.source).expanduser()).resolve())})
     keys_file = (base_dir / cfg.auth.keys_file.expanduser()).resolve()
-    return cfg.model_copy(update={"model": model, "auth": AuthConfig(keys_file=keys_file)})
+    http = cfg.http
+    if http.tls_certfile is not None:
+        http = http.model_copy(update={
+            "tls_certfile": (base_dir / http.tls_certfile.expanduser()).resolve(),
+            "tls_keyfile": (base_dir / http.tls_keyfile.expanduser()).resolve(),
+        })
+    return cfg.model_copy(update={"model": model, "auth": AuthConfig(keys_file=keys_file), "http": http})
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> ServeConfig:

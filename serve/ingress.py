@@ -6,11 +6,13 @@ import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from ray import serve
 
 from serve.api.eachlabs.jobs import EachlabsExecutor
 from serve.api.eachlabs.routes import router as eachlabs_router
+from serve.api.fal.dispatch import FalDispatch
 from serve.api.fal.jobs import FalExecutor
 from serve.api.fal.routes import router as fal_router
 from serve.api.services import Services
@@ -49,6 +51,16 @@ def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
 
     app.include_router(fal_router)
     app.include_router(eachlabs_router)
+    app.add_middleware(FalDispatch)
+    # Browsers only (api-spec §1.4); added last, so it answers preflights before any dispatch.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"],
+        allow_methods=["*"],
+        allow_headers=["authorization", "content-type", "accept", "x-fal-target-url", "x-api-key", "x-fal-*"],
+        expose_headers=["x-fal-request-id", "retry-after", "x-ratelimit-limit", "x-ratelimit-remaining",
+                        "x-ratelimit-reset", "ratelimit", "ratelimit-policy"],
+    )
     return app
 
 

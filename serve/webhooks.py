@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from serve.config import MediaConfig
+from serve.config import MediaConfig, WebhooksConfig
 from serve.media.errors import MediaError
 from serve.media.fetch import pinned_client, send_pinned, url_problem
 from serve.media.netguard import AddressGuard, Resolver, system_resolver
@@ -21,12 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class WebhookSender:
-    def __init__(
-        self, media: MediaConfig, *, attempts: int, interval_s: float, timeout_s: float,
-        resolve: Resolver = system_resolver,
-    ):
+    def __init__(self, media: MediaConfig, cfg: WebhooksConfig, resolve: Resolver = system_resolver):
         self._guard = AddressGuard(media.allow_networks, media.allow_hosts, resolve)
-        self._attempts, self._interval_s, self._timeout_s = attempts, interval_s, timeout_s
+        self._cfg = cfg
         self._client: httpx.AsyncClient | None = None
         self._pending: set[asyncio.Task] = set()  # held so running deliveries are not collected
 
@@ -36,7 +33,7 @@ class WebhookSender:
         task.add_done_callback(self._pending.discard)
 
     async def deliver(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> bool:
-        """POST until a 2xx, at most `attempts` times; True when acknowledged."""
+        """POST until a 2xx, at most `attempts` times with doubling waits; True when acknowledged."""
         try:
             target = httpx.URL(url)
             problem = url_problem(target)
@@ -46,8 +43,9 @@ class WebhookSender:
             log.warning("webhook %s %s; not sent", url, problem)
             return False
         if self._client is None:
-            self._client = pinned_client(self._timeout_s)
-        for attempt in range(1, self._attempts + 1):
+            self._client = pinned_client(self._cfg.timeout_s)
+        wait = self._cfg.backoff_s
+        for attempt in range(1, self._cfg.attempts + 1):
             try:
                 resp = await send_pinned(self._client, self._guard, "POST", target, json=payload,
                                          headers={"Content-Type": "application/json", **headers})
@@ -59,9 +57,10 @@ class WebhookSender:
                 return False
             except httpx.HTTPError as exc:
                 log.info("webhook %s failed: %s (attempt %d)", url, type(exc).__name__, attempt)
-            if attempt < self._attempts:
-                await asyncio.sleep(self._interval_s)
-        log.warning("webhook %s not acknowledged after %d attempts", url, self._attempts)
+            if attempt < self._cfg.attempts:
+                await asyncio.sleep(wait)
+                wait = min(2 * wait, self._cfg.max_backoff_s)
+        log.warning("webhook %s not acknowledged after %d attempts", url, self._cfg.attempts)
         return False
 
     async def aclose(self) -> None:

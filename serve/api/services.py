@@ -33,12 +33,7 @@ class Services:
             engine=engine,
             media=ImageIntake(cfg.media),
             store=store,
-            webhooks=WebhookSender(
-                cfg.media,
-                attempts=cfg.eachlabs.webhook_attempts,
-                interval_s=cfg.eachlabs.webhook_interval_s,
-                timeout_s=cfg.eachlabs.webhook_timeout_s,
-            ),
+            webhooks=WebhookSender(cfg.media, cfg.webhooks),
         )
 
     async def aclose(self) -> None:

@@ -7,7 +7,8 @@ came from. An engine stream is zero or more `TextDelta`s followed by exactly one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+import asyncio
+from typing import AsyncGenerator, AsyncIterator, Protocol
 
 from PIL import Image
 
@@ -48,6 +49,10 @@ class EngineUnavailable(RuntimeError):
     """The engine is dead or unreachable; the request may succeed later or elsewhere."""
 
 
+class StartTimeout(Exception):
+    """The request did not start generating before the caller's start deadline."""
+
+
 class Engine(Protocol):
     """What the ingress needs from the model side; vLLM in production, a fake in unit tests."""
 
@@ -65,3 +70,28 @@ async def collect(stream: AsyncIterator[StreamItem]) -> tuple[list[str], Complet
         else:
             return parts, item
     raise EngineUnavailable("engine stream ended without a completion")
+
+
+async def started(
+    stream: AsyncGenerator[StreamItem, None], timeout_s: float | None = None
+) -> AsyncGenerator[StreamItem, None]:
+    """Wait for the stream's first item (at most `timeout_s`; the stream is then closed, which aborts
+    the request) and return the whole stream: failures before the first token surface here, where a
+    caller can still answer with an HTTP error instead of a broken stream."""
+    try:
+        first = await asyncio.wait_for(anext(stream), timeout_s)
+    except TimeoutError:
+        await stream.aclose()
+        raise StartTimeout(f"generation did not start within {timeout_s:g} s") from None
+    except StopAsyncIteration:
+        raise EngineUnavailable("engine stream ended without a completion") from None
+
+    async def whole() -> AsyncGenerator[StreamItem, None]:
+        try:
+            yield first
+            async for item in stream:
+                yield item
+        finally:
+            await stream.aclose()  # closing the whole closes the engine stream (aborts the request)
+
+    return whole()

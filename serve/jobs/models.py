@@ -52,12 +52,13 @@ class JobError(BaseModel):
     model_config = ConfigDict(frozen=True)  # shared constants (CANCELLED) must not be mutated
 
     kind: str = Field(description="validation | image_download | image_load | input | unavailable | "
-                      "worker_lost | cancelled | internal")
+                      "worker_lost | cancelled | start_timeout | internal")
     message: str
     detail: Any = Field(None, description="API-specific detail to replay (e.g. fal's 422 detail list).")
 
 
 CANCELLED = JobError(kind="cancelled", message="Cancelled.")
+START_TIMEOUT = JobError(kind="start_timeout", message="The request did not start before its start timeout.")
 
 
 def final_status(result: JobResult | None, error: JobError | None) -> JobStatus:
@@ -74,6 +75,9 @@ class Job(BaseModel):
     input: dict[str, Any] = Field(description="The input as received.")
     meta: dict[str, Any] = Field(default_factory=dict, description="API-specific extras (webhook, version...).")
     max_concurrent: int = Field(description="The owner's concurrency cap when the job was accepted.")
+    start_timeout_s: float | None = Field(
+        None, description="Seconds the job may wait in the queue before it starts; still queued after that, "
+        "it ends failed with kind 'start_timeout'.")
     status: JobStatus = JobStatus.QUEUED
     created_at: float
     started_at: float | None = None

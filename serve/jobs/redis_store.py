@@ -8,6 +8,7 @@ Keys, all under `<prefix>:`
   logs:<id>       list of LogLine JSON
   queue           zset id -> order: FIFO by an increasing sequence; a re-queue goes below the minimum
   queued:<owner>  set of the owner's queued ids (the queued count `cap_pending` checks)
+  deadlines       zset id -> created_at + start_timeout_s of queued, never-started jobs that have one
   running         zset id -> lease_until (what `reap` looks for)
   expiring        zset id -> expires_at of finished jobs (what `reap` forgets)
   window:<owner>  zset unique sequence number -> admission time (the rolling rate window)
@@ -33,6 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from serve.jobs.models import (
     CANCELLED,
+    START_TIMEOUT,
     WINDOW_S,
     Admission,
     CancelOutcome,
@@ -53,6 +55,7 @@ _FIELDS = {"owner", "max_concurrent", "status", "created_at", "started_at", "fin
            "attempts", "runner", "lease_until", "cancel_requested", "result", "error"}
 _CANCELLED = CANCELLED.model_dump_json()
 _LOST = JobError(kind="worker_lost", message=WORKER_LOST).model_dump_json()
+_START_TIMEOUT = START_TIMEOUT.model_dump_json()
 
 # Prepended to every script. ARGV[1] is the key prefix; each operation's arguments follow it.
 _PRELUDE = f"""
@@ -148,9 +151,11 @@ local function running_by(id, runner)
   return status == 'running' and holder == runner
 end
 
+-- Also drops the start deadline: it bounds the wait for a first start only (a re-queue has none).
 local function dequeue(id, owner)
   redis.call('ZREM', key('queue'), id)
   redis.call('SREM', key('queued', owner), id)
+  redis.call('ZREM', key('deadlines'), id)
 end
 
 -- MemoryStore._terminate. result / err: JSON, or '' for none.
@@ -165,6 +170,16 @@ local function terminate(id, status, now, ttl, result, err)
   redis.call('ZADD', key('expiring'), now + ttl, id)
   expire_after(job, now + ttl, now)
   expire_after(key('logs', id), now + ttl, now)
+end
+
+-- MemoryStore._expire_unstarted: fail the queued jobs not started by their deadline.
+local function expire_unstarted(now, ttl, err)
+  local overdue = redis.call('ZRANGEBYSCORE', key('deadlines'), '-inf', now)
+  for _, id in ipairs(overdue) do
+    dequeue(id, redis.call('HGET', key('job', id), 'owner'))
+    terminate(id, 'failed', now, ttl, '', err)
+  end
+  return #overdue
 end
 """
 
@@ -195,19 +210,21 @@ return 1
     "release": """
 redis.call('ZREM', key('slots', ARGV[2]), ARGV[3])
 """,
-    # owner, rate, cap, cap_pending (1/0), now, id, logs (JSON list of LogLine JSON), field, value, ...
+    # owner, rate, cap, cap_pending (1/0), now, id, logs (JSON list of LogLine JSON), start_timeout_s
+    # or '', field, value, ...
     "enqueue": """
 local owner, rate, cap, now, id = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[6]), ARGV[7]
 local queued = nil
 if ARGV[5] == '1' then queued = redis.call('SCARD', key('queued', owner)) end
 local d, seq = decide(owner, rate, cap, now, queued)
 if d.allowed then
-  redis.call('HSET', key('job', id), 'seq', seq, unpack(ARGV, 9))
+  redis.call('HSET', key('job', id), 'seq', seq, unpack(ARGV, 10))
   local logs = cjson.decode(ARGV[8])
   if #logs > 0 then redis.call('RPUSH', key('logs', id), unpack(logs)) end
   -- seq only grows, so the job goes behind everything queued.
   redis.call('ZADD', key('queue'), seq, id)
   redis.call('SADD', key('queued', owner), id)
+  if ARGV[9] ~= '' then redis.call('ZADD', key('deadlines'), now + tonumber(ARGV[9]), id) end
   d.queue_position = redis.call('ZCARD', key('queue')) - 1
 end
 return fields(d)
@@ -218,9 +235,11 @@ local id, owner, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
 if not visible(id, owner, now) then return false end
 return job_reply(id)
 """,
-    # runner, lease_s, now: the first queued job whose owner is below its cap, now running.
+    # runner, lease_s, now, ttl, start-timeout error JSON: the first queued job whose owner is below
+    # its cap, now running; queued jobs past their start deadline are failed first, never claimed.
     "claim": """
 local runner, lease_s, now = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+expire_unstarted(now, tonumber(ARGV[5]), ARGV[6])
 local queue, in_flight = key('queue'), {}  -- in_flight: owner -> live slots, pruned once per owner
 local start = 0
 repeat
@@ -285,7 +304,8 @@ elseif status == 'running' then
 end
 return 'already_done'
 """,
-    # now, ttl, max_attempts, re-queue LogLine JSON, cancelled error JSON, worker-lost error JSON
+    # now, ttl, max_attempts, re-queue LogLine JSON, cancelled error JSON, worker-lost error JSON,
+    # start-timeout error JSON
     "reap": """
 local now, ttl, max_attempts = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local lost = redis.call('ZRANGEBYSCORE', key('running'), '-inf', now)
@@ -314,7 +334,7 @@ for _, id in ipairs(lost) do
 end
 local expired = redis.call('ZRANGEBYSCORE', key('expiring'), '-inf', now)
 for _, id in ipairs(expired) do forget(id) end
-return #lost + #expired
+return #lost + #expired + expire_unstarted(now, ttl, ARGV[8])
 """,
 }
 
@@ -404,14 +424,15 @@ class RedisBackend:
     async def _enqueue(self, job: Job, limits: Limits, cap_pending: bool, now: float) -> Admission:
         accepted = job.model_copy(update={"status": JobStatus.QUEUED, "created_at": now})
         logs = json.dumps([line.model_dump_json() for line in accepted.logs])
+        timeout = "" if job.start_timeout_s is None else job.start_timeout_s
         return _admission(await self._run("enqueue", job.owner, limits.rate_per_minute, limits.max_concurrent,
-                                          int(cap_pending), now, job.id, logs, *_job_fields(accepted)))
+                                          int(cap_pending), now, job.id, logs, timeout, *_job_fields(accepted)))
 
     async def _get(self, job_id: str, owner: str, now: float) -> Job | None:
         return _job(await self._run("get", job_id, owner, now))
 
     async def _claim(self, runner: str, lease_s: float, now: float) -> Job | None:
-        return _job(await self._run("claim", runner, lease_s, now))
+        return _job(await self._run("claim", runner, lease_s, now, self._ttl, _START_TIMEOUT))
 
     async def _heartbeat(self, job_id: str, runner: str, lease_s: float, now: float) -> bool:
         return bool(await self._run("heartbeat", job_id, runner, lease_s, now))
@@ -431,4 +452,5 @@ class RedisBackend:
 
     async def _reap(self, now: float) -> int:
         requeued = LogLine(timestamp=now, message="Worker lost; re-queued.").model_dump_json()
-        return await self._run("reap", now, self._ttl, self._max_attempts, requeued, _CANCELLED, _LOST)
+        return await self._run("reap", now, self._ttl, self._max_attempts, requeued, _CANCELLED, _LOST,
+                               _START_TIMEOUT)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 from serve.config import ServeConfig
 from serve.jobs.models import (
     CANCELLED,
+    START_TIMEOUT,
     WINDOW_S,
     Admission,
     CancelOutcome,
@@ -120,7 +121,9 @@ class MemoryStore:
         return job.model_copy()
 
     def claim(self, runner: str, lease_s: float, now: float) -> Job | None:
-        """The first queued job whose owner is below its concurrency cap, now running on `runner`."""
+        """The first queued job whose owner is below its concurrency cap, now running on `runner`.
+        Queued jobs past their start deadline are failed first, never claimed."""
+        self._expire_unstarted(now)
         for job_id in self._queue:
             job = self._jobs[job_id]
             _, slots = self._prune(job.owner, now)
@@ -134,6 +137,17 @@ class MemoryStore:
                 job.started_at = now
             return job.model_copy()
         return None
+
+    def _expire_unstarted(self, now: float) -> int:
+        """Fail the queued jobs not started by their deadline. A re-queued job has started (its worker
+        was lost): the deadline bounds the wait for a first start only."""
+        overdue = [job for job in map(self._jobs.get, self._queue)
+                   if job.start_timeout_s is not None and job.started_at is None
+                   and job.created_at + job.start_timeout_s <= now]
+        for job in overdue:
+            del self._queue[job.id]
+            self._terminate(job, JobStatus.FAILED, now, error=START_TIMEOUT)
+        return len(overdue)
 
     def _running(self, job_id: str, runner: str) -> Job | None:
         job = self._jobs.get(job_id)
@@ -175,8 +189,8 @@ class MemoryStore:
         return CancelOutcome.REQUESTED
 
     def reap(self, now: float) -> int:
-        """Recover jobs whose runner stopped renewing (re-queued at the front once, then failed) and
-        forget expired results. Returns how many jobs changed."""
+        """Recover jobs whose runner stopped renewing (re-queued at the front once, then failed), fail
+        queued jobs past their start deadline and forget expired results. Returns how many jobs changed."""
         changed = 0
         # Newest first: each re-queue goes to the front, so the lost jobs end up in accept order.
         for job in reversed(list(self._jobs.values())):
@@ -195,7 +209,8 @@ class MemoryStore:
             elif job.expires_at is not None and job.expires_at <= now:
                 changed += 1
                 del self._jobs[job.id]
-        return changed
+        # After the loop, as in Redis: a job failed here is forgotten by a later pass, not this one.
+        return changed + self._expire_unstarted(now)
 
     def _terminate(self, job: Job, status: JobStatus, now: float, *, result=None, error=None) -> None:
         self._slots.get(job.owner, {}).pop(job.id, None)

@@ -12,23 +12,19 @@ from ray import serve
 from serve.app import ENGINE_DEPLOYMENT, start_local, stop_local
 from serve.config import ServeConfig, parse_config
 from serve.jobs.store import JobStore, build_store
-from serve.engine.tiny_model import build_tiny_model
 from tests.conftest import CONFIGS, Clock, free_port
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llava"))
 
 
 RATE_KEY, RATE_LIMIT = "tests-rate-key-1", 30
 CONC_KEY, CONC_LIMIT = "tests-conc-key-1", 3
+SOLO_KEY = "tests-solo-key-1"  # one request at a time: start timeouts, slots held by streams
 TEST_KEYS = [
     # The general key (the README's too) gets room for the whole suite; the others test the limits.
     {"key": "local-test-key", "name": "local-dev", "rate_per_minute": 100_000, "max_concurrent": 64},
     {"key": "local-each-key", "name": "local-eachlabs", "rate_per_minute": 100_000, "max_concurrent": 64},
     {"key": RATE_KEY, "name": "tests-rate", "rate_per_minute": RATE_LIMIT, "max_concurrent": 1000},
     {"key": CONC_KEY, "name": "tests-conc", "rate_per_minute": 100_000, "max_concurrent": CONC_LIMIT},
+    {"key": SOLO_KEY, "name": "tests-solo", "rate_per_minute": 100_000, "max_concurrent": 1},
 ]
 
 

@@ -270,3 +270,77 @@ def test_lost_jobs_go_back_in_accept_order_ahead_of_newer_work(store, clock):
     assert run(store.reap()) == 3
     order = [run(store.claim("r2", LEASE)).id for _ in range(4)]
     assert order == [j.id for j in lost] + [newer.id]
+
+
+# -- start deadlines (X-Fal-Request-Timeout) ----------------------------------------------------
+
+
+def test_reap_fails_a_queued_job_past_its_start_deadline(store, clock):
+    blocker, waiting, later = job(cap=1), job(cap=1, start_timeout_s=10.0), job(cap=1)
+    for j in (blocker, waiting, later):
+        run(store.enqueue(j, L, cap_pending=False))
+    assert run(store.get(waiting.id, "alice")).start_timeout_s == 10.0
+    run(store.claim("r1", LEASE))  # alice is at her cap: `waiting` stays queued
+    assert run(store.get(later.id, "alice")).queue_position == 1
+    clock.advance(9.999)
+    assert run(store.reap()) == 0
+    clock.advance(0.001)  # exactly the deadline: no longer startable
+    assert run(store.reap()) == 1
+    failed = run(store.get(waiting.id, "alice"))
+    assert failed.status == JobStatus.FAILED and failed.error.kind == "start_timeout"
+    assert failed.started_at is None and failed.attempts == 0 and failed.queue_position is None
+    assert failed.finished_at == clock.now and failed.expires_at == clock.now + TTL
+    assert run(store.get(later.id, "alice")).queue_position == 0  # the rest move up
+    assert run(store.cancel(waiting.id, "alice")) == CancelOutcome.ALREADY_DONE
+    clock.advance(TTL + 1)
+    run(store.reap())
+    assert run(store.get(waiting.id, "alice")) is None  # forgotten like any other result
+
+
+def test_claim_fails_an_overdue_job_and_claims_the_next(store, clock):
+    overdue, fresh = job(start_timeout_s=5.0), job(start_timeout_s=100.0)
+    run(store.enqueue(overdue, L, cap_pending=False))
+    run(store.enqueue(fresh, L, cap_pending=False))
+    clock.advance(5)
+    assert run(store.claim("r1", LEASE)).id == fresh.id
+    failed = run(store.get(overdue.id, "alice"))
+    assert failed.status == JobStatus.FAILED and failed.error.kind == "start_timeout"
+    assert run(store.claim("r1", LEASE)) is None
+    assert run(store.reap()) == 0  # already failed: reap has nothing left to do
+
+
+def test_a_job_started_in_time_is_unaffected(store, clock):
+    j = job(start_timeout_s=5.0)
+    run(store.enqueue(j, L, cap_pending=False))
+    clock.advance(4)
+    assert run(store.claim("r1", LEASE)).id == j.id
+    clock.advance(10)
+    assert run(store.reap()) == 0
+    assert run(store.finish(j.id, "r1", result=RESULT))
+    assert run(store.get(j.id, "alice")).status == JobStatus.SUCCEEDED
+
+
+def test_a_requeued_job_has_started_and_does_not_time_out(store, clock):
+    j = job(start_timeout_s=5.0)
+    run(store.enqueue(j, L, cap_pending=False))
+    assert run(store.claim("r1", LEASE)).id == j.id
+    clock.advance(LEASE + 1)  # r1 died: the job goes back to the queue, long past its start deadline
+    assert run(store.reap()) == 1
+    assert run(store.get(j.id, "alice")).status == JobStatus.QUEUED
+    assert run(store.reap()) == 0
+    again = run(store.claim("r2", LEASE))
+    assert again.id == j.id and again.attempts == 2
+
+
+def test_no_start_timeout_waits_forever(store, clock):
+    blocker, waiting = job(cap=1), job(cap=1)
+    run(store.enqueue(blocker, L, cap_pending=False))
+    run(store.enqueue(waiting, L, cap_pending=False))
+    run(store.claim("r1", LEASE))
+    for _ in range(3):
+        clock.advance(LEASE - 1)
+        assert run(store.heartbeat(blocker.id, "r1", LEASE))
+    assert run(store.reap()) == 0
+    assert run(store.get(waiting.id, "alice")).status == JobStatus.QUEUED
+    assert run(store.finish(blocker.id, "r1", result=RESULT))
+    assert run(store.claim("r2", LEASE)).id == waiting.id

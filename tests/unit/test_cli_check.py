@@ -48,9 +48,11 @@ def test_check_reaches_vllm_and_the_filesystem(tmp_path):
     data["engine"]["extra_args"] = {"no_such_vllm_arg": 1}
     data["model"]["source"] = str(tmp_path / "no-model-here")
     data["auth"]["keys_file"] = str(tmp_path / "absent-keys.yaml")
+    data["http"].update(tls_certfile="certs/absent.pem", tls_keyfile="certs/absent.key")  # relative to the file
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
     res = check(tmp_path / "c.yaml")
     assert res.returncode == 1
     assert "engine: vLLM rejects the engine arguments" in res.stderr and "no_such_vllm_arg" in res.stderr
     assert "model.source: no such directory" in res.stderr
     assert "auth.keys_file: cannot read" in res.stderr
+    assert f"http.tls_certfile: no such file {tmp_path / 'certs/absent.pem'}" in res.stderr

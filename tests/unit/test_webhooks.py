@@ -6,7 +6,7 @@ import time
 import pytest
 
 from serve.api.eachlabs.jobs import webhook_payload
-from serve.config import MediaConfig
+from serve.config import MediaConfig, WebhooksConfig
 from serve.jobs.models import Job, JobError, JobResult, JobStatus
 from serve.webhooks import WebhookSender
 from tests.conftest import Receiver
@@ -26,7 +26,8 @@ def receiver_factory():
 
 
 def sender(allow=("127.0.0.1/32",), attempts=3):
-    return WebhookSender(MediaConfig(allow_networks=list(allow)), attempts=attempts, interval_s=0.0, timeout_s=2.0)
+    cfg = WebhooksConfig(attempts=attempts, backoff_s=0.0, timeout_s=2.0)
+    return WebhookSender(MediaConfig(allow_networks=list(allow)), cfg)
 
 
 def test_delivered_with_payload_and_secret(receiver_factory):
@@ -43,6 +44,22 @@ def test_retries_until_acknowledged_then_gives_up(receiver_factory):
     assert asyncio.run(sender().deliver(flaky.url, {}, {})) and len(flaky.calls) == 3
     down = receiver_factory([500])
     assert not asyncio.run(sender(attempts=3).deliver(down.url, {}, {})) and len(down.calls) == 3
+
+
+def test_waits_double_up_to_the_cap(receiver_factory, monkeypatch):
+    import serve.webhooks
+
+    waits, real_sleep = [], asyncio.sleep
+
+    async def sleep(seconds):
+        waits.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(serve.webhooks.asyncio, "sleep", sleep)
+    down = receiver_factory([503])
+    cfg = WebhooksConfig(attempts=5, backoff_s=2.0, max_backoff_s=5.0, timeout_s=2.0)
+    assert not asyncio.run(WebhookSender(MediaConfig(allow_networks=["127.0.0.1/32"]), cfg).deliver(down.url, {}, {}))
+    assert waits == [2.0, 4.0, 5.0, 5.0] and len(down.calls) == 5
 
 
 @pytest.mark.parametrize("url", ["http://10.0.0.5/hook", "http://169.254.169.254/latest", "ftp://example.com/x"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from serve.api.fal.errors import to_fal_error
-from serve.api.fal.protocol import FalInput, to_generation_request
+from serve.api.fal.protocol import FalInput, to_generation_request, webhook_payload
 from serve.api.jobs import generate_for_job
 from serve.api.services import Services
 from serve.jobs.models import Job, JobResult
@@ -31,7 +31,8 @@ class FalExecutor:
     def detail(self, exc: Exception, job: Job) -> Any:
         # fal replays a failed job's original HTTP error from the result endpoint.
         err = to_fal_error(exc, image_url=job.input.get("image_url"), prompt=job.input.get("prompt"))
-        return {"status_code": err.status_code, "body": err.body}
+        return {"status_code": err.status_code, "body": err.body, "headers": err.headers}
 
     def finished(self, job: Job) -> None:
-        pass  # fal's queue has no completion hook here; its webhook (fal_webhook) comes with the queue routes
+        if url := job.meta.get("webhook_url"):
+            self._services.webhooks.send(url, webhook_payload(job))
