@@ -236,7 +236,10 @@ class JobsConfig(_Strict):
     max_attempts: int = Field(2, ge=1, description="Runs of a job whose runner died: 2 = re-queued once, then failed.")
     runner_poll_interval_s: float = Field(0.05, gt=0, description="How often an idle job runner looks for work.")
     runner_max_parallel: int = Field(32, gt=0, description="Jobs one ingress replica runs at once.")
-    reap_interval_s: float = Field(1.0, gt=0, description="How often a runner recovers expired leases and results.")
+    reap_interval_s: float = Field(
+        1.0, gt=0, description="How often a runner recovers expired leases and results, and hands jobs the store "
+        "ended itself (cancelled in the queue, timed out, worker lost) to their webhooks."
+    )
 
 
 class StoreConfig(_Strict):
@@ -296,7 +299,8 @@ class ServeConfig(_Strict):
     eachlabs: EachlabsConfig = Field(default_factory=EachlabsConfig, description="Eachlabs prediction API settings.")
     fal: FalConfig = Field(default_factory=FalConfig, description="fal API settings.")
     webhooks: WebhooksConfig = Field(
-        default_factory=WebhooksConfig, description="Outbound webhooks of both APIs (fal_webhook, Eachlabs webhook_url)."
+        default_factory=WebhooksConfig,
+        description="Outbound webhooks of both APIs (fal_webhook, Eachlabs webhook_url).",
     )
 
     @field_validator("app_name")

@@ -69,14 +69,15 @@ class Receiver:
 
     def __init__(self, statuses, delay=0.0):
         self.calls: list[tuple[dict, dict]] = []
-        receiver = self
+        receiver, lock = self, threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                receiver.calls.append((body, dict(self.headers)))
+                with lock:  # concurrent deliveries: each call gets its own place in `statuses`
+                    receiver.calls.append((body, dict(self.headers)))
+                    status = statuses[min(len(receiver.calls), len(statuses)) - 1]
                 time.sleep(delay)
-                status = statuses[min(len(receiver.calls), len(statuses)) - 1]
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

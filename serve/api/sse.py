@@ -24,7 +24,8 @@ class EventStream(StreamingResponse):
         headers: dict[str, str] | None = None,
         cleanup: Callable[[], Awaitable[None]] | None = None,
     ):
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **(headers or {})})
+        headers = {"Cache-Control": "no-cache", **(headers or {})}
+        super().__init__(events, media_type="text/event-stream", headers=headers)
         self._events, self._cleanup = events, cleanup
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

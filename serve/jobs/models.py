@@ -78,6 +78,9 @@ class Job(BaseModel):
     start_timeout_s: float | None = Field(
         None, description="Seconds the job may wait in the queue before it starts; still queued after that, "
         "it ends failed with kind 'start_timeout'.")
+    notify: bool = Field(
+        False, description="Announce the job's end to its API (webhooks): when it ends, however it ends, "
+        "the store queues it for a runner to hand to the API's executor.")
     status: JobStatus = JobStatus.QUEUED
     created_at: float
     started_at: float | None = None

@@ -11,6 +11,8 @@ Keys, all under `<prefix>:`
   deadlines       zset id -> created_at + start_timeout_s of queued, never-started jobs that have one
   running         zset id -> lease_until (what `reap` looks for)
   expiring        zset id -> expires_at of finished jobs (what `reap` forgets)
+  finished        list of ended notify jobs' ids, in the order they ended (the outbox `take_finished`
+                  drains)
   window:<owner>  zset unique sequence number -> admission time (the rolling rate window)
   slots:<owner>   zset slot id (or running job id) -> lease expiry (the concurrency cap)
   seq             counter: window members, queue order, accept order
@@ -52,7 +54,7 @@ SAFETY_MARGIN_S = 3600.0  # how long past its logical expiry a leftover key may 
 
 # The hash fields scripts read or change, one each; the rest of a Job travels as `body`.
 _FIELDS = {"owner", "max_concurrent", "status", "created_at", "started_at", "finished_at", "expires_at",
-           "attempts", "runner", "lease_until", "cancel_requested", "result", "error"}
+           "attempts", "runner", "lease_until", "cancel_requested", "notify", "result", "error"}
 _CANCELLED = CANCELLED.model_dump_json()
 _LOST = JobError(kind="worker_lost", message=WORKER_LOST).model_dump_json()
 _START_TIMEOUT = START_TIMEOUT.model_dump_json()
@@ -170,11 +172,18 @@ local function terminate(id, status, now, ttl, result, err)
   redis.call('ZADD', key('expiring'), now + ttl, id)
   expire_after(job, now + ttl, now)
   expire_after(key('logs', id), now + ttl, now)
+  -- Every way a job ends comes through here: none goes unannounced.
+  if redis.call('HGET', job, 'notify') == 'true' then redis.call('RPUSH', key('finished'), id) end
 end
 
 -- MemoryStore._expire_unstarted: fail the queued jobs not started by their deadline.
 local function expire_unstarted(now, ttl, err)
   local overdue = redis.call('ZRANGEBYSCORE', key('deadlines'), '-inf', now)
+  -- In queue order, as MemoryStore walks them (never-started jobs queue in accept order): the order
+  -- they end in is the outbox's.
+  local seq = {}
+  for _, id in ipairs(overdue) do seq[id] = tonumber(redis.call('HGET', key('job', id), 'seq')) end
+  table.sort(overdue, function(a, b) return seq[a] < seq[b] end)
   for _, id in ipairs(overdue) do
     dequeue(id, redis.call('HGET', key('job', id), 'owner'))
     terminate(id, 'failed', now, ttl, '', err)
@@ -336,6 +345,16 @@ local expired = redis.call('ZRANGEBYSCORE', key('expiring'), '-inf', now)
 for _, id in ipairs(expired) do forget(id) end
 return #lost + #expired + expire_unstarted(now, ttl, ARGV[8])
 """,
+    # limit: up to `limit` ids off the front of the outbox, each handed out once; forgotten jobs skipped
+    "take_finished": """
+local taken = {}
+for _ = 1, tonumber(ARGV[2]) do
+  local id = redis.call('LPOP', key('finished'))
+  if not id then break end
+  if redis.call('EXISTS', key('job', id)) == 1 then taken[#taken + 1] = job_reply(id) end
+end
+return taken
+""",
 }
 
 
@@ -454,3 +473,6 @@ class RedisBackend:
         requeued = LogLine(timestamp=now, message="Worker lost; re-queued.").model_dump_json()
         return await self._run("reap", now, self._ttl, self._max_attempts, requeued, _CANCELLED, _LOST,
                                _START_TIMEOUT)
+
+    async def _take_finished(self, limit: int, now: float) -> list[Job]:
+        return [_job(reply) for reply in await self._run("take_finished", limit)]

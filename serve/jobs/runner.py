@@ -2,7 +2,11 @@
 
 A runner holds each job by a lease it renews with heartbeats; a heartbeat that comes back False
 (cancellation requested, or the lease was lost) cancels the work, which aborts the engine request.
-Every few seconds a runner also reaps: jobs whose runner died are re-queued once, then failed.
+Every few seconds a runner also reaps: jobs whose runner died are re-queued once, then failed. Then
+it drains the store's outbox of ended jobs with `notify` set and hands each to its API's executor
+(webhooks): the store queues every end there, those no runner saw included (a cancel while queued,
+a lost worker, a start deadline), and each is handed to one runner only. A runner that records a
+job's outcome drains the outbox at once too, so a webhook does not wait for the next reap.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ class Executor(Protocol):
         """What the API needs to replay this failure to its client (e.g. fal's HTTP status and body)."""
 
     def finished(self, job: Job) -> None:
-        """Called with the terminal record once it is stored (webhooks); must not block."""
+        """Called once per ended job with notify set, by whichever runner drains the store's outbox
+        (webhooks), with the terminal record; must not block."""
 
 
 def job_error(exc: Exception, detail: Any) -> JobError:
@@ -80,6 +85,7 @@ class JobRunner:
                 if loop.time() >= next_reap:
                     await self._store.reap()
                     next_reap = loop.time() + self._cfg.reap_interval_s
+                    await self._announce()
                 job = None
                 if len(self._active) < self._cfg.runner_max_parallel:
                     job = await self._store.claim(self._id, self._cfg.lease_s)
@@ -89,6 +95,18 @@ class JobRunner:
             except Exception:
                 log.exception("job runner: store unavailable; retrying")
             await asyncio.sleep(self._cfg.runner_poll_interval_s)
+
+    async def _announce(self) -> None:
+        """Hand the ended notify jobs to their executors; a taken job is never offered again."""
+        try:
+            while jobs := await self._store.take_finished():
+                for job in jobs:
+                    try:
+                        self._executors[job.api].finished(job)
+                    except Exception:  # one API's failure must not cost the others their webhooks
+                        log.exception("job runner: announcing the end of %s failed", job.id)
+        except Exception:
+            log.exception("job runner: store unavailable; announcing at the next reap")
 
     async def _run(self, job: Job) -> None:
         executor = self._executors[job.api]
@@ -104,10 +122,9 @@ class JobRunner:
                 result, error = None, CANCELLED
             except Exception as exc:
                 result, error = None, job_error(exc, executor.detail(exc, job))
+            # Refused when the lease was lost: the job is re-queued, and whoever ends it queues it.
             if await self._store.finish(job.id, self._id, result=result, error=error):
-                final = await self._store.get(job.id, job.owner)
-                if final is not None:
-                    executor.finished(final)
+                await self._announce()  # now, not at the next reap: webhooks go as soon as jobs end
         except asyncio.CancelledError:
             work.cancel()  # the replica is stopping: the lease expires and another runner takes over
             raise

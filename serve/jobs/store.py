@@ -8,6 +8,10 @@ default; one actor serialises all calls) or in Redis (Lua scripts, `serve.jobs.r
 
 Concurrency is counted in *slots*: a sync request in flight holds one, a running job holds one
 (keyed by the job id). Slots are leases: a replica that dies frees its slots when they expire.
+
+Jobs with `notify` are announced when they end, however they end (a runner's outcome, a cancel while
+queued, reap, a start deadline): the store appends them to an outbox that runners drain
+(`take_finished`), so the API's executor sends its webhook even when no runner ran the job's end.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class MemoryStore:
         self._queue: OrderedDict[str, None] = OrderedDict()  # queued job ids, FIFO
         self._windows: dict[str, deque[float]] = {}  # owner -> admission times in the window
         self._slots: dict[str, dict[str, float]] = {}  # owner -> slot id -> lease expiry
+        self._finished: deque[str] = deque()  # the outbox: ended notify jobs not yet handed out, FIFO
 
     # -- limits ---------------------------------------------------------------------------
 
@@ -217,6 +222,14 @@ class MemoryStore:
         job.status, job.result, job.error = status, result, error
         job.runner, job.lease_until = None, None
         job.finished_at, job.expires_at = now, now + self._ttl
+        if job.notify:  # every way a job ends comes through here: none goes unannounced
+            self._finished.append(job.id)
+
+    def take_finished(self, limit: int, now: float) -> list[Job]:
+        """Up to `limit` ended notify jobs, oldest end first, each handed out once (to whichever
+        runner asks first); a job already forgotten is skipped."""
+        taken = [self._finished.popleft() for _ in range(min(limit, len(self._finished)))]
+        return [self._jobs[job_id].model_copy() for job_id in taken if job_id in self._jobs]
 
 
 class Backend(Protocol):
@@ -305,6 +318,9 @@ class JobStore:
 
     async def reap(self) -> int:
         return await self._backend.call("reap", self._clock())
+
+    async def take_finished(self, limit: int = 100) -> list[Job]:
+        return await self._backend.call("take_finished", limit, self._clock())
 
 
 def build_store(cfg: ServeConfig) -> JobStore:

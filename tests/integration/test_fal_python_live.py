@@ -178,8 +178,8 @@ def test_a_stream_holds_its_slot_and_a_dropped_stream_aborts(stack, engine_stats
     body = {"prompt": "Describe", "image_url": data_uri(), "max_new_tokens": 2048}
     with requests.post(f"{stack}/{APP}/stream", json=body, headers=solo, stream=True, timeout=60) as streaming:
         assert streaming.status_code == 200
-        first = next(streaming.iter_lines())
-        assert first.startswith(b"data: {")
+        lines = streaming.iter_lines()  # kept: dropping the iterator would close the connection
+        assert next(lines).startswith(b"data: {")
         refused = requests.post(f"{stack}/{APP}", json={**body, "max_new_tokens": 2}, headers=solo, timeout=60)
         assert refused.status_code == 429 and refused.json()["detail"].startswith("Concurrency limit")
     # Closed after one event: the generation stops, and the slot comes back.

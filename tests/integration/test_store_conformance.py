@@ -344,3 +344,60 @@ def test_no_start_timeout_waits_forever(store, clock):
     assert run(store.get(waiting.id, "alice")).status == JobStatus.QUEUED
     assert run(store.finish(blocker.id, "r1", result=RESULT))
     assert run(store.claim("r2", LEASE)).id == waiting.id
+
+
+# -- the completion outbox (webhooks) -------------------------------------------------------------
+
+
+def test_every_end_of_a_notify_job_is_handed_out_once_in_order(store, clock):
+    ran, cancelled, lost, late = job(notify=True), job(notify=True), job(notify=True), job(notify=True,
+                                                                                             start_timeout_s=50.0)
+    quiet = job()  # no notify: never announced
+    for j in (ran, quiet, lost):
+        run(store.enqueue(j, L, cap_pending=False))
+    assert [run(store.claim("r1", LEASE)).id for _ in range(3)] == [ran.id, quiet.id, lost.id]
+    run(store.enqueue(cancelled, L, cap_pending=False))
+    run(store.enqueue(late, L, cap_pending=False))
+
+    clock.advance(1)
+    assert run(store.finish(ran.id, "r1", result=RESULT))
+    assert run(store.finish(quiet.id, "r1", result=RESULT))
+    clock.advance(1)
+    assert run(store.cancel(cancelled.id, "alice")) == CancelOutcome.CANCELLED
+    clock.advance(LEASE)  # r1 died holding `lost`: re-queued, then lost again at its last attempt
+    assert run(store.reap()) == 1
+    assert run(store.claim("r2", LEASE)).id == lost.id  # `late` stays queued behind it
+    clock.advance(LEASE + 1)
+    run(store.reap())  # fails `lost` (worker lost), then `late` (past its start deadline)
+
+    taken = run(store.take_finished(limit=10))
+    assert [j.id for j in taken] == [ran.id, cancelled.id, lost.id, late.id]  # the order they ended
+    assert [(j.status, j.error and j.error.kind) for j in taken] == [
+        (JobStatus.SUCCEEDED, None), (JobStatus.CANCELLED, "cancelled"),
+        (JobStatus.FAILED, "worker_lost"), (JobStatus.FAILED, "start_timeout")]
+    assert taken[0].result.text == "ab" and all(j.notify and j.queue_position is None for j in taken)
+    assert taken[0] == run(store.get(ran.id, "alice"))  # the terminal record, as `get` returns it
+    assert run(store.take_finished()) == []  # each is handed out once
+
+
+def test_take_finished_honours_the_limit_and_claims_expiry_notifies_too(store, clock):
+    overdue = [job(notify=True, start_timeout_s=5.0) for _ in range(3)]
+    for j in overdue:
+        run(store.enqueue(j, L, cap_pending=False))
+    clock.advance(5)
+    assert run(store.claim("r1", LEASE)) is None  # claim fails them all: the queue is empty
+    first = run(store.take_finished(limit=2))
+    assert [j.id for j in first] == [j.id for j in overdue[:2]]  # queue order
+    assert [j.id for j in run(store.take_finished(limit=2))] == [overdue[2].id]
+    assert run(store.take_finished(limit=2)) == []
+
+
+def test_a_forgotten_job_is_skipped(store, clock):
+    forgotten, kept = job(notify=True), job(notify=True)
+    run(store.enqueue(forgotten, L, cap_pending=False))
+    run(store.cancel(forgotten.id, "alice"))
+    clock.advance(TTL + 1)
+    run(store.reap())  # forgets it before anyone took it
+    run(store.enqueue(kept, L, cap_pending=False))
+    run(store.cancel(kept.id, "alice"))
+    assert [j.id for j in run(store.take_finished())] == [kept.id]

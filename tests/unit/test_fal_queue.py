@@ -413,3 +413,32 @@ def test_unusable_fal_webhook_is_refused_at_submit(hook):
     with client_for(runner=False) as client:
         resp = client.post(f"/queue{APP}", params={"fal_webhook": hook}, json=body(), headers=AUTH)
     assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["query", "fal_webhook"]
+
+
+def test_fal_webhook_for_jobs_ended_before_they_started(tmp_path):
+    """Cancelled while queued, or past its start timeout: no runner ran it, the webhook still comes."""
+    rx = Receiver([200])
+    try:
+        media = MediaConfig(allow_networks=["127.0.0.1/32"])
+        hooks = WebhooksConfig(backoff_s=0.05, timeout_s=2.0)
+        with client_for(SlowEngine(delay=0.05), keys=keys_file(tmp_path, concurrent=1), media=media,
+                        webhooks=hooks) as client:
+            blocker = submit(client, max_new_tokens=2000)["request_id"]  # holds the key's only slot
+            cancelled = submit(client, path=f"/queue{APP}?fal_webhook={rx.url}")["request_id"]
+            late = client.post(f"/queue{APP}?fal_webhook={rx.url}", json=body(),
+                               headers={**AUTH, "X-Fal-Request-Timeout": "1.5"}).json()["request_id"]
+            resp = client.put(f"/queue{APP}/requests/{cancelled}/cancel", headers=AUTH)
+            assert (resp.status_code, resp.json()) == (200, {"status": "OK"})
+            deadline = time.monotonic() + 10
+            while len(rx.calls) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            client.put(f"/queue{APP}/requests/{blocker}/cancel", headers=AUTH)
+    finally:
+        rx.close()
+    by_id = {call["request_id"]: call for call, _ in rx.calls}
+    assert set(by_id) == {cancelled, late}  # the blocker asked for no webhook
+    assert by_id[cancelled] == {"request_id": cancelled, "gateway_request_id": cancelled, "status": "ERROR",
+                                "error": "Invalid status code: 400",
+                                "payload": {"detail": "Request was cancelled", "error_type": "request_cancelled"}}
+    assert by_id[late]["status"] == "ERROR" and by_id[late]["error"] == "Invalid status code: 504"
+    assert by_id[late]["payload"] == {"detail": "Request timed out", "error_type": "request_timeout"}

@@ -163,6 +163,34 @@ def test_engine_down_is_503_runner_disconnected():
     assert_request_id(resp)
 
 
+def test_unexpected_failure_is_a_fal_500_with_ids():
+    client = client_for(FakeEngine(fail_with=RuntimeError("bug")))
+    resp = client.post(URL, json=body(), headers=AUTH)
+    assert resp.status_code == 500
+    assert resp.json() == {"detail": "Internal Server Error", "error_type": "internal_server_error"}
+    assert resp.headers["x-fal-error-type"] == "internal_server_error"
+    assert_request_id(resp)
+
+
+@pytest.mark.parametrize("kind, code, error_type", [
+    ("worker_lost", 503, "runner_disconnected"),
+    ("cancelled", 400, "request_cancelled"),
+    ("start_timeout", 504, "request_timeout"),
+    ("internal", 500, "internal_server_error"),
+])
+def test_result_of_a_job_ended_without_its_own_error(kind, code, error_type):
+    from serve.api.fal.protocol import outcome, status_body
+    from serve.jobs.models import Job, JobError, JobStatus
+
+    job = Job(id="r1", owner="o", api="fal", input={}, max_concurrent=1, created_at=1.0, started_at=2.0,
+              finished_at=3.5, status=JobStatus.FAILED, error=JobError(kind=kind, message="Worker lost."))
+    status, body, headers = outcome(job)
+    assert (status, body["error_type"], headers["x-fal-error-type"]) == (code, error_type, error_type)
+    summary = status_body(job, "http://h/queue/", with_logs=False)
+    assert summary["status"] == "COMPLETED" and summary["error_type"] == error_type
+    assert summary["metrics"] == {"inference_time": 1.5}
+
+
 def test_unknown_app_is_404_and_wrong_method_405(client):
     assert client.post("/fal-ai/other-model", json=body(), headers=AUTH).json() == {"detail": "Not Found"}
     assert client.get(URL, headers=AUTH).status_code == 405

@@ -1,4 +1,5 @@
-"""JobRunner with the in-process store and fake engines: lifecycle, errors kept for replay, cancel, caps."""
+"""JobRunner with the in-process store and fake engines: lifecycle, errors kept for replay, cancel, caps,
+announcing ended jobs (webhooks)."""
 
 import asyncio
 import uuid
@@ -106,3 +107,83 @@ def test_jobs_respect_the_owners_concurrency_cap():
 
     with_runner(engine, body)
     assert max(running_peak) == 2
+
+
+class Announced(FalExecutor):
+    """A fal executor that records the ended jobs it is handed (and fails on them, if told to)."""
+
+    def __init__(self, services, calls: list, fails: bool = False):
+        super().__init__(services)
+        self._calls, self._fails = calls, fails
+
+    def finished(self, job: Job) -> None:
+        self._calls.append(job)
+        if self._fails:
+            raise RuntimeError("webhook sender broke")
+
+
+async def announced(calls, min_calls, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(calls) < min_calls and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(3 * FAST.reap_interval_s)  # and nothing more comes
+
+
+def announcing(setup, *, fails: bool = False):
+    """Runs `setup(store)` before the runner starts, then collects what the runner announces."""
+    calls, other_calls = [], []
+
+    async def main():
+        services = make_services(FakeEngine())
+        executors = {"fal": Announced(services, calls, fails), "other": Announced(services, other_calls)}
+        expected = await setup(services.store)
+        runner = JobRunner(services.store, "runner-1", executors, FAST)
+        runner.start()
+        try:
+            await announced(other_calls if fails else calls, expected)
+        finally:
+            await runner.stop()
+
+    asyncio.run(main())
+    return calls, other_calls
+
+
+def test_the_runner_announces_the_notify_jobs_it_ran():
+    ran, quiet = fal_job(), fal_job()
+    ran.notify = True
+
+    async def setup(store):
+        for j in (ran, quiet):
+            await store.enqueue(j, Limits(rate_per_minute=60, max_concurrent=10), cap_pending=False)
+        return 1
+
+    calls, _ = announcing(setup)
+    assert [(j.id, j.status) for j in calls] == [(ran.id, JobStatus.SUCCEEDED)]  # once; `quiet` never
+    assert calls[0].result.text == "w0 w1 w2 w3 w4 "
+
+
+def test_a_job_the_store_ended_is_announced_too():
+    cancelled = fal_job()
+    cancelled.notify = True
+
+    async def setup(store):
+        await store.enqueue(cancelled, Limits(rate_per_minute=60, max_concurrent=10), cap_pending=False)
+        assert await store.cancel(cancelled.id, "alice") == CancelOutcome.CANCELLED  # no runner saw it end
+        return 1
+
+    calls, _ = announcing(setup)
+    assert [(j.id, j.status, j.error.kind) for j in calls] == [(cancelled.id, JobStatus.CANCELLED, "cancelled")]
+
+
+def test_one_executor_failing_does_not_stop_the_next():
+    first, second = fal_job(), fal_job().model_copy(update={"api": "other"})
+    first.notify = second.notify = True
+
+    async def setup(store):
+        for j in (first, second):  # ended in this order: `first` is handed out first
+            await store.enqueue(j, Limits(rate_per_minute=60, max_concurrent=10), cap_pending=False)
+            await store.cancel(j.id, "alice")
+        return 1
+
+    calls, other_calls = announcing(setup, fails=True)
+    assert [j.id for j in calls] == [first.id] and [j.id for j in other_calls] == [second.id]

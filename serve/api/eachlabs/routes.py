@@ -85,6 +85,7 @@ async def _create(request: Request, caller: Caller, services: Services) -> tuple
         meta={"version": req.version, "webhook_url": req.webhook_url, "webhook_secret": req.webhook_secret},
         max_concurrent=caller.limits.max_concurrent,
         created_at=0.0,  # the store stamps it
+        notify=bool(req.webhook_url),
     )
     # Unfinished predictions count against the concurrency cap: an 11th is refused, not queued.
     admission = await services.store.enqueue(job, caller.limits, cap_pending=True)

@@ -203,6 +203,7 @@ async def _submit(request: Request, caller: Caller, services: Services) -> Respo
     job = Job(
         id=request.state.request_id, owner=caller.name, api="fal", input=body, meta=meta,
         max_concurrent=caller.limits.max_concurrent, created_at=0.0, start_timeout_s=_start_timeout(request),
+        notify="webhook_url" in meta,
     )
     # fal's queue never refuses for concurrency (jobs wait their turn); the rate limit applies.
     admission = await services.store.enqueue(job, caller.limits, cap_pending=False)
@@ -239,7 +240,8 @@ async def status_stream(
 ) -> Response:
     """SSE of status objects on every change, each with only the new log lines; ends with COMPLETED."""
     job = await _job(request_id, request, caller, services)
-    root, with_logs, poll_s = _queue_root(request, services), _logs_flag(request), services.config.fal.status_stream_poll_s
+    root, with_logs = _queue_root(request, services), _logs_flag(request)
+    poll_s = services.config.fal.status_stream_poll_s
 
     async def events() -> AsyncGenerator[bytes, None]:
         current, sent, last = job, 0, None
