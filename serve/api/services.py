@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
-from fastapi import Request
+from fastapi import HTTPException, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from serve.auth import KeyRing
 from serve.config import ServeConfig
@@ -56,3 +58,23 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body, status_code=self.status_code, headers=self.headers)
+
+
+def shaped_errors(to_error: Callable[[Exception], ApiError]) -> type[APIRoute]:
+    """A route class whose every failure answers in one API's error shape (`to_error` maps it)."""
+
+    class ShapedRoute(APIRoute):
+        def get_route_handler(self) -> Callable:
+            handler = super().get_route_handler()
+
+            async def route(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except HTTPException:
+                    raise  # FastAPI's own (none of ours raise it): its handlers answer
+                except Exception as exc:
+                    return to_error(exc).response()
+
+            return route
+
+    return ShapedRoute

@@ -5,39 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from typing import Callable
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
 from serve.api.eachlabs.errors import error, invalid_input, to_eachlabs_error
 from serve.api.eachlabs.protocol import MODEL, CreatePrediction, LlavaInput, prediction
-from serve.api.services import Services, get_services
+from serve.api.services import Services, get_services, shaped_errors
 from serve.auth import Caller
 from serve.jobs.limits import LimitExceeded, rate_limit_headers
 from serve.jobs.models import Admission, CancelOutcome, Job
 
 RUN_POLL_S = 0.1
 
-
-class EachlabsRoute(APIRoute):
-    """Every failure of an Eachlabs route answers in Eachlabs' shape (`{"error": ...}`)."""
-
-    def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except Exception as exc:
-                return to_eachlabs_error(exc).response()
-
-        return route
-
-
-router = APIRouter(route_class=EachlabsRoute)
+router = APIRouter(route_class=shaped_errors(to_eachlabs_error))  # failures answer {"error": ...}
 
 
 def each_caller(request: Request, services: Services = Depends(get_services)) -> Caller:

@@ -10,12 +10,11 @@ import asyncio
 import math
 import time
 from contextlib import AsyncExitStack
-from typing import Any, AsyncGenerator, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, AsyncIterator
 
 import httpx
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
 
 from serve.api.fal.errors import field_error, flat_error, summary, to_fal_error, validation_error
@@ -28,7 +27,7 @@ from serve.api.fal.protocol import (
     to_generation_request,
     to_output,
 )
-from serve.api.services import Services, get_services
+from serve.api.services import Services, get_services, shaped_errors
 from serve.api.sse import EventStream, event
 from serve.auth import Caller
 from serve.engine.types import StreamItem, TextDelta, collect, started
@@ -37,24 +36,7 @@ from serve.jobs.models import CancelOutcome, Job
 from serve.media.fetch import url_problem
 
 
-class FalRoute(APIRoute):
-    """Every failure of a fal route answers in fal's shape (api-spec §2.7)."""
-
-    def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except HTTPException:
-                raise
-            except Exception as exc:
-                return to_fal_error(exc).response()
-
-        return route
-
-
-router = APIRouter(route_class=FalRoute)
+router = APIRouter(route_class=shaped_errors(to_fal_error))  # every failure in fal's shape (§2.7)
 REQUEST = f"/{APP_ID}/requests/{{request_id}}"
 _OBJECT = TypeAdapter(dict[str, Any])
 _CANCEL = {
