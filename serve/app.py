@@ -34,7 +34,10 @@ def start_local(cfg: ServeConfig) -> None:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # address="local": always a fresh private cluster, never one RAY_ADDRESS points at.
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(
+        address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+        _system_config={"metrics_report_interval_ms": int(1000 * cfg.telemetry.metrics_report_interval_s)},
+    )
     http = {"host": cfg.http.host, "port": cfg.http.port}
     if cfg.http.tls_certfile is not None:
         http.update(ssl_certfile=str(cfg.http.tls_certfile), ssl_keyfile=str(cfg.http.tls_keyfile))

@@ -273,6 +273,16 @@ class FalConfig(_Strict):
     )
 
 
+class TelemetryConfig(_Strict):
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Level of the service's JSON logs (one access line per request at INFO)."
+    )
+    metrics_report_interval_s: float = Field(
+        10.0, gt=0, description="How often each process reports its metrics to the node's Ray metrics agent "
+        "(local Ray started by `llava-serve run`; on KubeRay set by the cluster's own system config)."
+    )
+
+
 class WebhooksConfig(_Strict):
     attempts: int = Field(6, ge=1, description="Deliveries tried per webhook (any 2xx acknowledges).")
     backoff_s: float = Field(
@@ -298,6 +308,7 @@ class ServeConfig(_Strict):
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Job leases and the runners in the ingress.")
     eachlabs: EachlabsConfig = Field(default_factory=EachlabsConfig, description="Eachlabs prediction API settings.")
     fal: FalConfig = Field(default_factory=FalConfig, description="fal API settings.")
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Logs and metrics.")
     webhooks: WebhooksConfig = Field(
         default_factory=WebhooksConfig,
         description="Outbound webhooks of both APIs (fal_webhook, Eachlabs webhook_url).",

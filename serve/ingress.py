@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
 from serve.api.eachlabs.jobs import EachlabsExecutor
@@ -18,8 +18,10 @@ from serve.api.fal.routes import router as fal_router
 from serve.api.services import Services
 from serve.config import ServeConfig
 from serve.engine.server import HandleEngine
-from serve.jobs.runner import JobRunner
+from serve.jobs.runner import JobRunner, drain_budget_s
 from serve.jobs.store import build_store
+from serve.telemetry.access import Telemetry, configure_logging
+from serve.telemetry.metrics import node_metrics
 
 
 def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
@@ -31,7 +33,8 @@ def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
             yield
         finally:
             if runner is not None:
-                await runner.stop()
+                # Serve runs this after the replica's HTTP drain; the jobs it runs get what is left of the grace.
+                await runner.stop(drain_budget_s(services.config.ingress.graceful_shutdown_timeout_s))
             await services.aclose()
 
     app = FastAPI(title="llava-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
@@ -49,8 +52,21 @@ def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
             return JSONResponse({"status": "not ready", "reason": type(exc).__name__}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        import ray
+
+        if not ray.is_initialized():
+            return JSONResponse({"detail": "Metrics are exported through Ray, which is not running here."}, 503)
+        try:
+            text = await node_metrics()
+        except Exception as exc:  # the node's metrics agent is not up (yet)
+            return JSONResponse({"detail": f"The Ray metrics agent did not answer: {type(exc).__name__}"}, 503)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
     app.include_router(fal_router)
     app.include_router(eachlabs_router)
+    app.add_middleware(Telemetry)  # innermost: it sees the rewritten fal path and the matched route
     app.add_middleware(FalDispatch)
     # Browsers only (api-spec §1.4); added last, so it answers preflights before any dispatch.
     app.add_middleware(
@@ -68,6 +84,7 @@ class Ingress:
     """Applied as a Serve deployment by `serve.app`; `serve.ingress()` calls the builder below."""
 
     def __init__(self, cfg: ServeConfig, llm_handle):
+        configure_logging(cfg.telemetry.log_level)
         self._services = Services.build(cfg, HandleEngine(llm_handle), build_store(cfg))
         # The replica's id is also its actor's name: a job's runner names the replica running it.
         self._runner_id = serve.get_replica_context().replica_id.to_full_id_str()

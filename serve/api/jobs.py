@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from PIL import Image
 
 from serve.api.services import Services
-from serve.engine.types import GenerationRequest, collect
-from serve.jobs.models import JobResult
+from serve.engine.types import GenerationRequest, collect, started
+from serve.jobs.models import Job, JobResult
 from serve.jobs.runner import LogFn
+from serve.telemetry.metrics import metrics
 
 
 async def generate_for_job(
-    services: Services, image_url: str, build: Callable[[Image.Image], GenerationRequest], log: LogFn
+    services: Services, job: Job, image_url: str, build: Callable[[Image.Image], GenerationRequest], log: LogFn
 ) -> JobResult:
+    began = time.monotonic()
     image = await services.media.load(image_url)
     await log(f"Image fetched ({image.width}x{image.height})")
     await log("Generating")
-    chunks, done = await collect(services.engine.generate(build(image)))
+    items = await started(services.engine.generate(build(image)))
+    metrics().first_token(job.api, "job", time.monotonic() - began)
+    chunks, done = await collect(items)
+    metrics().generated(job.api, job.owner, done.num_input_tokens, done.num_output_tokens)
     await log(f"Generated {done.num_output_tokens} tokens from {done.num_input_tokens} input tokens")
     return JobResult(
         chunks=chunks,

@@ -18,7 +18,11 @@ class LLMServer:
     """One vLLM engine per replica (one GPU in production). Applied as a deployment by `serve.app`."""
 
     def __init__(self, cfg: ServeConfig):
-        self._engine = VLLMEngine(cfg)
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        # vLLM's metrics (vllm:*) through Ray's metrics export, like ours: under Ray, vLLM's own
+        # Prometheus registry lives in the replica process and nothing would ever scrape it.
+        self._engine = VLLMEngine(cfg, stat_loggers=[RayPrometheusStatLogger])
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         async for item in self._engine.generate(request):

@@ -63,10 +63,10 @@ class EngineStats:
 
 
 class VLLMEngine:
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, stat_loggers: list | None = None):
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._engine = AsyncLLM.from_engine_args(build_engine_args(cfg))
+        self._engine = AsyncLLM.from_engine_args(build_engine_args(cfg), stat_loggers=stat_loggers)
         self._stats = EngineStats()
 
     def stats(self) -> dict[str, int]:

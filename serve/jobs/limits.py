@@ -15,9 +15,9 @@ from serve.jobs.store import JobStore
 class LimitExceeded(Exception):
     """Refused by a limit; nothing was counted. Each API renders it in its own error shape."""
 
-    def __init__(self, admission: Admission):
+    def __init__(self, admission: Admission, owner: str):
         super().__init__(admission.reason)
-        self.admission = admission
+        self.admission, self.owner = admission, owner
 
 
 def rate_limit_headers(adm: Admission) -> dict[str, str]:
@@ -41,7 +41,7 @@ async def admitted(store: JobStore, caller: Caller, lease_s: float) -> AsyncIter
     the body runs (renewed, so a long generation keeps it; a dead replica's slot expires)."""
     adm = await store.admit(caller.name, caller.limits, lease_s)
     if not adm.allowed:
-        raise LimitExceeded(adm)
+        raise LimitExceeded(adm, caller.name)
 
     async def renew() -> None:
         while True:

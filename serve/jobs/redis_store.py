@@ -355,6 +355,10 @@ for _ = 1, tonumber(ARGV[2]) do
 end
 return taken
 """,
+    # (no arguments) -> queued, running
+    "counts": """
+return {redis.call('ZCARD', key('queue')), redis.call('ZCARD', key('running'))}
+""",
 }
 
 
@@ -476,3 +480,7 @@ class RedisBackend:
 
     async def _take_finished(self, limit: int, now: float) -> list[Job]:
         return [_job(reply) for reply in await self._run("take_finished", limit)]
+
+    async def _counts(self, now: float) -> dict[str, int]:
+        queued, running = await self._run("counts")
+        return {"queued": int(queued), "running": int(running)}

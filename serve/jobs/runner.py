@@ -7,11 +7,16 @@ it drains the store's outbox of ended jobs with `notify` set and hands each to i
 (webhooks): the store queues every end there, those no runner saw included (a cancel while queued,
 a lost worker, a start deadline), and each is handed to one runner only. A runner that records a
 job's outcome drains the outbox at once too, so a webhook does not wait for the next reap.
+
+A replica that stops drains its runner (`stop`): it claims nothing more at once, lets the jobs it runs
+finish within a bound (their heartbeats go on, so their leases hold), and abandons what is still running
+then to its lease; queued jobs stay in the store for the next replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -22,6 +27,7 @@ from serve.engine.types import EngineInputError, EngineUnavailable
 from serve.jobs.models import CANCELLED, Job, JobError, JobResult
 from serve.jobs.store import JobStore
 from serve.media.intake import ImageDownloadError, MediaError
+from serve.telemetry.metrics import metrics
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,26 @@ def job_error(exc: Exception, detail: Any) -> JobError:
     return JobError(kind=kind, message=str(exc), detail=detail)
 
 
+# Ray Serve's default graceful_shutdown_wait_loop_s (our deployments keep it): a stopping replica looks at
+# its in-flight HTTP requests this often, and runs the ASGI lifespan's shutdown only once none is left.
+SERVE_DRAIN_LOOP_S = 2.0
+# Kept free at the end of the grace period: recording the last outcomes, closing clients, Serve's own teardown.
+DRAIN_MARGIN_S = 2.0
+# How long an abandoned job's cancelled work is waited for (its engine request is aborted meanwhile).
+ABANDON_WAIT_S = 1.0
+
+
+def drain_budget_s(graceful_shutdown_timeout_s: float) -> float:
+    """How long a stopping ingress replica's runner lets its running jobs finish.
+
+    Serve force-kills a stopping replica `graceful_shutdown_timeout_s` after it asked it to stop; the
+    lifespan's shutdown (which stops the runner) starts after the HTTP drain, at least one drain loop
+    later, and must end before the kill. An HTTP drain longer than one loop eats into this budget: the
+    replica may then be killed mid-drain, and its jobs are recovered from their leases as after a crash.
+    """
+    return max(0.0, graceful_shutdown_timeout_s - SERVE_DRAIN_LOOP_S - DRAIN_MARGIN_S)
+
+
 class JobRunner:
     def __init__(self, store: JobStore, runner_id: str, executors: dict[str, Executor], cfg: JobsConfig):
         self._store = store
@@ -66,35 +92,63 @@ class JobRunner:
         self._cfg = cfg
         self._active: dict[str, asyncio.Task] = {}
         self._loop_task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
 
-    async def stop(self) -> None:
-        """Stop claiming; running jobs are abandoned to their leases (another replica recovers them)."""
-        for task in [self._loop_task, *self._active.values()]:
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(t for t in [self._loop_task, *self._active.values()] if t), return_exceptions=True)
+    async def stop(self, drain_s: float) -> None:
+        """Drain: claim nothing more, at once; let the running jobs finish for up to `drain_s` seconds
+        (heartbeats go on meanwhile, so their leases hold); then cancel what still runs. A cancelled job
+        is abandoned to its lease, not recorded: another replica re-runs it once the lease expires.
+        Queued jobs are never touched: they stay in the store for the next replica."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, drain_s)
+        self._stopping.set()
+        if self._loop_task is not None:
+            # The loop ends by itself before its next claim. A store call in flight is let finish (within
+            # the bound): a job the store is handing over right now is run and drained, not left to its lease.
+            await asyncio.wait([self._loop_task], timeout=max(0.0, deadline - loop.time()))
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        running = dict(self._active)
+        if running:
+            log.info("job runner %s: stopping; letting %d running job(s) finish for up to %.1f s",
+                     self._id, len(running), max(0.0, deadline - loop.time()))
+            await asyncio.wait(running.values(), timeout=max(0.0, deadline - loop.time()))
+        abandoned = dict(self._active)
+        for task in abandoned.values():
+            task.cancel()
+        await asyncio.gather(*abandoned.values(), return_exceptions=True)
+        drained = [job_id for job_id in running if job_id not in abandoned]
+        if drained:
+            log.info("job runner %s: drained %d job(s) that finished while stopping: %s",
+                     self._id, len(drained), ", ".join(drained))
+        if abandoned:
+            log.warning("job runner %s: abandoned %d job(s) still running after %.1f s to their leases "
+                        "(another replica re-runs them once those expire): %s",
+                        self._id, len(abandoned), drain_s, ", ".join(abandoned))
 
     async def _loop(self) -> None:
         next_reap = 0.0
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping.is_set():
             try:
                 if loop.time() >= next_reap:
                     await self._store.reap()
                     next_reap = loop.time() + self._cfg.reap_interval_s
                     await self._announce()
+                    metrics().job_counts(**await self._store.counts())
                 job = None
-                if len(self._active) < self._cfg.runner_max_parallel:
+                if len(self._active) < self._cfg.runner_max_parallel and not self._stopping.is_set():
                     job = await self._store.claim(self._id, self._cfg.lease_s)
                 if job is not None:
                     self._active[job.id] = loop.create_task(self._run(job))
-                    continue  # there may be more work: claim again at once
+                    continue  # there may be more work: claim again at once (unless stopping)
             except Exception:
                 log.exception("job runner: store unavailable; retrying")
-            await asyncio.sleep(self._cfg.runner_poll_interval_s)
+            with contextlib.suppress(asyncio.TimeoutError):  # idle: poll again, or end at once when stopping
+                await asyncio.wait_for(self._stopping.wait(), self._cfg.runner_poll_interval_s)
 
     async def _announce(self) -> None:
         """Hand the ended notify jobs to their executors; a taken job is never offered again."""
@@ -110,6 +164,8 @@ class JobRunner:
 
     async def _run(self, job: Job) -> None:
         executor = self._executors[job.api]
+        if job.attempts == 1 and job.started_at is not None:
+            metrics().queue_wait(job.api, job.started_at - job.created_at)
         work = asyncio.create_task(executor.run(job, lambda msg: self._store.log(job.id, self._id, msg)))
         try:
             while not work.done():
@@ -126,7 +182,9 @@ class JobRunner:
             if await self._store.finish(job.id, self._id, result=result, error=error):
                 await self._announce()  # now, not at the next reap: webhooks go as soon as jobs end
         except asyncio.CancelledError:
-            work.cancel()  # the replica is stopping: the lease expires and another runner takes over
+            # The replica is stopping and the drain is over: the lease expires and another runner takes over.
+            work.cancel()  # aborts the engine request; waited for briefly, so it is sent before the replica goes
+            await asyncio.wait([work], timeout=ABANDON_WAIT_S)
             raise
         except Exception:
             log.exception("job runner: could not record the outcome of %s; its lease will expire", job.id)

@@ -231,6 +231,11 @@ class MemoryStore:
         taken = [self._finished.popleft() for _ in range(min(limit, len(self._finished)))]
         return [self._jobs[job_id].model_copy() for job_id in taken if job_id in self._jobs]
 
+    def counts(self, now: float) -> dict[str, int]:
+        """Jobs queued and running, all owners (for the metrics)."""
+        running = sum(1 for job in self._jobs.values() if job.status == JobStatus.RUNNING)
+        return {"queued": len(self._queue), "running": running}
+
 
 class Backend(Protocol):
     """`MemoryStore`'s operations, run somewhere shared; every method is async and atomic."""
@@ -321,6 +326,9 @@ class JobStore:
 
     async def take_finished(self, limit: int = 100) -> list[Job]:
         return await self._backend.call("take_finished", limit, self._clock())
+
+    async def counts(self) -> dict[str, int]:
+        return await self._backend.call("counts", self._clock())
 
 
 def build_store(cfg: ServeConfig) -> JobStore:

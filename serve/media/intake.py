@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 
 from PIL import Image
 
@@ -17,6 +18,7 @@ from serve.media.datauri import decode_data_uri
 from serve.media.decode import decode_image
 from serve.media.errors import ImageDownloadError, ImageLoadError, MediaError
 from serve.media.fetch import Fetcher
+from serve.telemetry.metrics import metrics
 
 __all__ = ["ImageDownloadError", "ImageIntake", "ImageLoadError", "MediaError"]
 
@@ -32,16 +34,21 @@ class ImageIntake:
         url = url.strip()
         scheme, sep, _ = url.partition(":")
         scheme = scheme.lower() if sep else ""
+        started = time.monotonic()
         # Payload and pixel decoding are CPU work: one worker-thread hop, off the event loop.
         if scheme == "data":
-            return await asyncio.to_thread(self._decode_data_uri, url)
-        if scheme in ("http", "https"):
+            image, size = await asyncio.to_thread(self._decode_data_uri, url)
+        elif scheme in ("http", "https"):
             data = await self._fetcher.fetch(url)
-            return await asyncio.to_thread(self._decode, data)
-        raise ImageLoadError("image_url must be an http(s) URL or a data: URI.")
+            image, size = await asyncio.to_thread(self._decode, data), len(data)
+        else:
+            raise ImageLoadError("image_url must be an http(s) URL or a data: URI.")
+        metrics().image(scheme if scheme == "data" else "url", time.monotonic() - started, size)
+        return image
 
-    def _decode_data_uri(self, url: str) -> Image.Image:
-        return self._decode(decode_data_uri(url, self._cfg.max_image_bytes))
+    def _decode_data_uri(self, url: str) -> tuple[Image.Image, int]:
+        data = decode_data_uri(url, self._cfg.max_image_bytes)
+        return self._decode(data), len(data)
 
     def _decode(self, data: bytes) -> Image.Image:
         if self._cache is None:

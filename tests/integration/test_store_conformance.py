@@ -119,6 +119,18 @@ def test_fifo_queue_positions_and_claim(store):
     assert run(store.get(jobs[0].id, "alice")).queue_position is None
 
 
+def test_counts_of_queued_and_running_jobs(store):
+    assert run(store.counts()) == {"queued": 0, "running": 0}
+    jobs = [job(owner) for owner in ("alice", "bob", "carol")]
+    for j in jobs:
+        run(store.enqueue(j, L, cap_pending=False))
+    claimed = run(store.claim("r1", LEASE))
+    assert run(store.counts()) == {"queued": 2, "running": 1}
+    run(store.finish(claimed.id, "r1", result=RESULT))
+    run(store.cancel(jobs[2].id, "carol"))
+    assert run(store.counts()) == {"queued": 1, "running": 0}  # ended jobs are neither
+
+
 def test_claim_skips_owners_at_their_cap(store):
     a1, a2, b1 = job("alice", cap=1), job("alice", cap=1), job("bob", cap=1)
     for j in (a1, a2, b1):

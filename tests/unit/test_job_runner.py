@@ -1,13 +1,14 @@
 """JobRunner with the in-process store and fake engines: lifecycle, errors kept for replay, cancel, caps,
-announcing ended jobs (webhooks)."""
+announcing ended jobs (webhooks), draining on stop."""
 
 import asyncio
+import time
 import uuid
 
 from serve.api.fal.jobs import FalExecutor
 from serve.config import JobsConfig
 from serve.jobs.models import CancelOutcome, Job, JobStatus, Limits
-from serve.jobs.runner import JobRunner
+from serve.jobs.runner import JobRunner, drain_budget_s
 from tests.conftest import data_uri
 from tests.fakes import FakeEngine, SlowEngine, make_services
 
@@ -36,7 +37,7 @@ def with_runner(engine, body):
         try:
             return await body(services.store)
         finally:
-            await runner.stop()
+            await runner.stop(0)
 
     return asyncio.run(main())
 
@@ -142,7 +143,7 @@ def announcing(setup, *, fails: bool = False):
         try:
             await announced(other_calls if fails else calls, expected)
         finally:
-            await runner.stop()
+            await runner.stop(0)
 
     asyncio.run(main())
     return calls, other_calls
@@ -187,3 +188,74 @@ def test_one_executor_failing_does_not_stop_the_next():
 
     calls, other_calls = announcing(setup, fails=True)
     assert [j.id for j in calls] == [first.id] and [j.id for j in other_calls] == [second.id]
+
+
+def draining(engine, cfg, body):
+    """Runs `body(store, runner)` with a started runner; `body` stops it (the drain under test)."""
+    async def main():
+        services = make_services(engine)
+        runner = JobRunner(services.store, "runner-1", {"fal": FalExecutor(services)}, cfg)
+        runner.start()
+        try:
+            return await body(services.store, runner)
+        finally:
+            await runner.stop(0)  # a no-op once `body` stopped it
+
+    return asyncio.run(main())
+
+
+def test_stop_lets_a_running_job_finish_within_the_bound_and_claims_nothing_more():
+    engine = SlowEngine(delay=0.05)
+    limits = Limits(rate_per_minute=60, max_concurrent=10)
+
+    async def body(store, runner):
+        running = fal_job(max_new_tokens=30)  # ~1.5 s
+        await store.enqueue(running, limits, cap_pending=False)
+        await until(store, running, "alice", {JobStatus.RUNNING})
+        started = asyncio.get_running_loop().time()
+        stopping = asyncio.create_task(runner.stop(10.0))
+        await asyncio.sleep(0)  # stop() has begun: from here on nothing is claimed
+        queued = fal_job()
+        await store.enqueue(queued, limits, cap_pending=False)
+        await stopping
+        took = asyncio.get_running_loop().time() - started
+        await asyncio.sleep(5 * FAST.runner_poll_interval_s)  # the loop is gone: the queued job stays queued
+        return took, await store.get(running.id, "alice"), await store.get(queued.id, "alice")
+
+    took, done, queued = draining(engine, FAST, body)
+    assert done.status == JobStatus.SUCCEEDED and done.attempts == 1, done.error
+    assert done.result.num_output_tokens == 30 and done.result.text.endswith("t29 ")
+    assert engine.cancelled == 0
+    assert took < 5.0  # it returned when the job ended, not at the bound
+    assert queued.status == JobStatus.QUEUED and queued.runner is None and queued.attempts == 0
+
+
+def test_a_job_longer_than_the_bound_is_abandoned_to_its_lease():
+    engine = SlowEngine(delay=0.05)
+    cfg = FAST.model_copy(update={"runner_max_parallel": 1})
+    limits = Limits(rate_per_minute=60, max_concurrent=10)
+
+    async def body(store, runner):
+        long, waiting = fal_job(max_new_tokens=400), fal_job()  # ~20 s; queued behind it (one at a time)
+        for j in (long, waiting):
+            await store.enqueue(j, limits, cap_pending=False)
+        await until(store, long, "alice", {JobStatus.RUNNING})
+        started = asyncio.get_running_loop().time()
+        await runner.stop(0.5)
+        took = asyncio.get_running_loop().time() - started
+        return took, time.time(), await store.get(long.id, "alice"), await store.get(waiting.id, "alice")
+
+    took, stopped_at, left, waiting = draining(engine, cfg, body)
+    assert 0.5 <= took < 3.0
+    # Not recorded as failed or cancelled: still RUNNING under this runner's lease, which the drain kept
+    # renewing; once it expires the job is re-queued and another replica runs it again.
+    assert left.status == JobStatus.RUNNING and left.runner == "runner-1" and left.attempts == 1
+    assert left.error is None and left.result is None and left.finished_at is None
+    assert left.lease_until > stopped_at
+    assert engine.cancelled == 1  # its engine request was aborted
+    assert waiting.status == JobStatus.QUEUED and waiting.runner is None and waiting.attempts == 0
+
+
+def test_the_drain_bound_leaves_serve_time_to_finish_the_replica():
+    assert drain_budget_s(20.0) == 16.0  # Serve's default grace: 2 s drain loop before, 2 s margin after
+    assert drain_budget_s(3.0) == 0.0

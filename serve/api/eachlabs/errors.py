@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from serve.api.services import ApiError
 from serve.jobs.limits import LimitExceeded, rate_limit_headers
+from serve.telemetry.metrics import metrics
 from serve.jobs.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ def to_eachlabs_error(exc: Exception) -> ApiError:
         return exc
     if isinstance(exc, LimitExceeded):
         adm = exc.admission
+        metrics().rate_limited("eachlabs", exc.owner, adm.reason)
         if adm.reason == "rate":
             message = f"Rate limit exceeded. Please retry after {adm.retry_after} seconds."
         else:

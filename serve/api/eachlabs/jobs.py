@@ -30,6 +30,7 @@ class EachlabsExecutor:
         model = self._services.config.model
         return await generate_for_job(
             self._services,
+            job,
             inp.image,
             lambda image: to_generation_request(inp, request_id=job.id, owner=job.owner, image=image, model=model),
             log,

@@ -31,6 +31,7 @@ def each_caller(request: Request, services: Services = Depends(get_services)) ->
     caller = services.keys.authenticate(key) if key else None
     if caller is None:
         raise error(401, "Invalid or missing API key")
+    request.state.key_name = caller.name
     return caller
 
 
@@ -59,8 +60,9 @@ async def _create(request: Request, caller: Caller, services: Services) -> tuple
         LlavaInput.model_validate(req.input)  # refused now, not as a failed prediction later
     except ValidationError as exc:
         raise invalid_input(exc) from None
+    request.state.request_id = job_id = str(uuid.uuid4())  # the prediction id is the request's id everywhere
     job = Job(
-        id=str(uuid.uuid4()),
+        id=job_id,
         owner=caller.name,
         api="eachlabs",
         input=req.input,
@@ -72,7 +74,7 @@ async def _create(request: Request, caller: Caller, services: Services) -> tuple
     # Unfinished predictions count against the concurrency cap: an 11th is refused, not queued.
     admission = await services.store.enqueue(job, caller.limits, cap_pending=True)
     if not admission.allowed:
-        raise LimitExceeded(admission)
+        raise LimitExceeded(admission, caller.name)
     return job, admission
 
 

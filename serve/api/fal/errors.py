@@ -12,6 +12,7 @@ from serve.engine.types import EngineInputError, EngineUnavailable, StartTimeout
 from serve.jobs.limits import LimitExceeded, rate_limit_headers
 from serve.jobs.models import JobError
 from serve.jobs.store import StoreUnavailable
+from serve.telemetry.metrics import metrics
 from serve.media.intake import ImageDownloadError, MediaError
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def to_fal_error(exc: Exception, *, image_url: str | None = None, prompt: str | 
         return field_error("prompt", str(exc), "value_error", prompt)
     if isinstance(exc, LimitExceeded):
         adm = exc.admission
+        metrics().rate_limited("fal", exc.owner, adm.reason)
         if adm.reason == "rate":
             detail = f"Rate limit exceeded ({adm.limit} requests per minute). Please retry after {adm.retry_after} seconds."
         else:

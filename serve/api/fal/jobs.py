@@ -21,6 +21,7 @@ class FalExecutor:
         model = self._services.config.model
         return await generate_for_job(
             self._services,
+            job,
             inp.image_url,
             lambda image: to_generation_request(
                 inp, request_id=job.id, owner=job.owner, image=image, model=model, stream=True

@@ -34,6 +34,7 @@ from serve.engine.types import StreamItem, TextDelta, collect, started
 from serve.jobs.limits import LimitExceeded, admitted, rate_limit_headers
 from serve.jobs.models import CancelOutcome, Job
 from serve.media.fetch import url_problem
+from serve.telemetry.metrics import metrics
 
 
 router = APIRouter(route_class=shaped_errors(to_fal_error))  # every failure in fal's shape (§2.7)
@@ -55,6 +56,7 @@ def fal_caller(request: Request, services: Services = Depends(get_services)) -> 
     caller = services.keys.authenticate(token.strip()) if scheme.lower() in ("key", "bearer") else None
     if caller is None:
         raise flat_error(401, "No user found for Key ID and Secret")
+    request.state.key_name = caller.name
     return caller
 
 
@@ -100,7 +102,9 @@ async def _begin(
     gen = to_generation_request(inp, request_id=request.state.request_id, owner=caller.name, image=image,
                                 model=services.config.model, stream=stream)
     left = None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - arrived))
-    return await started(services.engine.generate(gen), left)
+    items = await started(services.engine.generate(gen), left)
+    metrics().first_token("fal", "stream" if stream else "sync", time.monotonic() - arrived)
+    return items
 
 
 @router.post(f"/{APP_ID}")
@@ -117,6 +121,7 @@ async def run_or_submit(
             chunks, done = await collect(items)
     except Exception as exc:
         raise to_fal_error(exc, image_url=inp.image_url, prompt=inp.prompt) from None
+    metrics().generated("fal", caller.name, done.num_input_tokens, done.num_output_tokens)
     output = to_output("".join(chunks), done).model_dump(exclude_none=True)
     return JSONResponse(output, headers=rate_limit_headers(admission))
 
@@ -143,10 +148,11 @@ async def stream(
         finally:
             await held.aclose()
 
-    return EventStream(_output_events(items, inp), headers=rate_limit_headers(admission), cleanup=cleanup)
+    events = _output_events(items, inp, caller.name)
+    return EventStream(events, headers=rate_limit_headers(admission), cleanup=cleanup)
 
 
-async def _output_events(items: AsyncIterator[StreamItem], inp: FalInput) -> AsyncGenerator[bytes, None]:
+async def _output_events(items: AsyncIterator[StreamItem], inp: FalInput, key: str) -> AsyncGenerator[bytes, None]:
     text = ""
     try:
         async for item in items:
@@ -154,6 +160,7 @@ async def _output_events(items: AsyncIterator[StreamItem], inp: FalInput) -> Asy
                 text += item.text
                 yield event({"output": text, "partial": True})
             else:
+                metrics().generated("fal", key, item.num_input_tokens, item.num_output_tokens)
                 yield event(to_output(text, item).model_dump(exclude_none=True))
                 return
         raise RuntimeError("engine stream ended without a completion")
@@ -190,7 +197,7 @@ async def _submit(request: Request, caller: Caller, services: Services) -> Respo
     # fal's queue never refuses for concurrency (jobs wait their turn); the rate limit applies.
     admission = await services.store.enqueue(job, caller.limits, cap_pending=False)
     if not admission.allowed:
-        raise LimitExceeded(admission)
+        raise LimitExceeded(admission, caller.name)
     body = submitted_body(job.id, _queue_root(request, services), admission.queue_position or 0)
     return JSONResponse(body, headers=rate_limit_headers(admission))
 
@@ -230,8 +237,9 @@ async def status_stream(
         while current is not None:
             seen = (current.status, current.queue_position, len(current.logs))
             if seen != last:
-                yield event(status_body(current, root, with_logs=with_logs, logs_from=sent))
-                sent, last = len(current.logs), seen
+                body = status_body(current, root, with_logs=with_logs, logs_from=sent)
+                sent, last = seen[2], seen  # counted before the yield: lines may arrive while it waits
+                yield event(body)
             if current.status.terminal:
                 return
             await asyncio.sleep(poll_s)

@@ -1,0 +1,84 @@
+"""The access line each API request leaves (fields, ids, key names), its JSON form, and /metrics
+without Ray. Metric values after real traffic are in tests/integration/test_telemetry_live.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serve.ingress import create_app
+from serve.telemetry.access import JsonFormatter
+from tests.conftest import LOCAL_KEY, data_uri
+from tests.fakes import FakeEngine, make_services
+
+AUTH = {"Authorization": f"Key {LOCAL_KEY}"}
+
+
+@pytest.fixture
+def client():
+    return TestClient(create_app(make_services(FakeEngine())))
+
+
+def lines(caplog) -> list[dict]:
+    return [r.fields for r in caplog.records if r.name == "llava_serve.access"]
+
+
+def test_one_access_line_per_request_with_the_request_id_and_key_name(client, caplog):
+    caplog.set_level(logging.INFO, logger="llava_serve.access")
+    ok = client.post("/fal-ai/llavav15-13b", json={"prompt": "hi", "image_url": data_uri()}, headers=AUTH)
+    denied = client.post("/fal-ai/llavav15-13b", json={"prompt": "hi", "image_url": data_uri()})
+    client.get("/healthz")
+    client.get("/nowhere")
+    first, second, third = lines(caplog)
+    assert first["request_id"] == ok.headers["x-fal-request-id"] and first["key"] == "local-dev"
+    assert (first["api"], first["route"], first["method"], first["status"]) == ("fal", "run", "POST", 200)
+    assert 0 < first["first_byte_ms"] <= first["duration_ms"]
+    assert second["status"] == 401 and second["key"] is None
+    assert second["request_id"] == denied.headers["x-fal-request-id"]
+    assert (third["api"], third["route"], third["status"]) == ("other", "unmatched", 404)  # probes: no line
+    assert all(LOCAL_KEY not in json.dumps(line) for line in lines(caplog))
+
+
+def test_eachlabs_lines_use_the_prediction_id(client, caplog):
+    caplog.set_level(logging.INFO, logger="llava_serve.access")
+    each = {"X-API-Key": "local-each-key"}
+    created = client.post("/v1/prediction/", headers=each, json={
+        "model": "llava-13b", "version": "0.0.1", "input": {"image": data_uri(), "prompt": "hi"}}).json()
+    client.get(f"/v1/prediction/{created['predictionID']}", headers=each)
+    create, get = lines(caplog)
+    assert create["request_id"] == get["request_id"] == created["predictionID"]
+    assert (create["route"], get["route"], create["key"]) == ("create", "get", "local-eachlabs")
+
+
+def test_queue_routes_are_named_by_operation(client, caplog):
+    caplog.set_level(logging.INFO, logger="llava_serve.access")
+    sub = client.post("/queue/fal-ai/llavav15-13b", json={"prompt": "hi", "image_url": data_uri()}, headers=AUTH)
+    rid = sub.json()["request_id"]
+    client.get(f"/queue/fal-ai/llavav15-13b/requests/{rid}/status", headers=AUTH)
+    client.put(f"/queue/fal-ai/llavav15-13b/requests/{rid}/cancel", headers=AUTH)
+    assert [(line["route"], line["request_id"]) for line in lines(caplog)] == [
+        ("submit", rid), ("status", rid), ("cancel", rid)]
+
+
+def test_json_formatter_writes_one_object_per_line():
+    record = logging.LogRecord("llava_serve.access", logging.INFO, __file__, 1, "request", None, None)
+    record.fields = {"request_id": "r1", "status": 200}
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    got = json.loads(line)
+    assert got["message"] == "request" and got["level"] == "INFO" and got["request_id"] == "r1"
+    assert got["ts"].endswith("Z")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("serve.x", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+    assert "ValueError: boom" in json.loads(JsonFormatter().format(failed))["exc"]
+
+
+def test_metrics_without_ray_is_a_clear_503(client):
+    resp = client.get("/metrics")
+    assert resp.status_code == 503 and "Ray" in resp.json()["detail"]
