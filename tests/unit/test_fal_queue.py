@@ -182,7 +182,8 @@ def test_status_in_queue_has_position_and_null_logs_unless_asked():
 
 
 def test_completed_status_logs_metrics_and_result():
-    with client_for() as client:
+    engine = FakeEngine()
+    with client_for(engine) as client:
         rid = submit(client)["request_id"]
         done = wait(client, rid)
         quiet = client.get(f"/queue{APP}/requests/{rid}/status?logs=false", headers=AUTH).json()
@@ -196,6 +197,7 @@ def test_completed_status_logs_metrics_and_result():
     assert entry["level"] == "INFO" and entry["source"] == "USER" and entry["timestamp"].endswith("Z")
     assert quiet["logs"] is None
     assert result.status_code == 200 and result.headers["x-fal-request-id"] == rid
+    assert [r.request_id for r in engine.requests] == [rid]  # the job's id is the engine's request id
     assert result.json() == {"output": "w0 w1 w2 w3 ", "partial": False,
                              "stats": {"num_input_tokens": 600, "num_output_tokens": 4}}
 
