@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import httpx
 
@@ -25,12 +25,18 @@ class WebhookSender:
         self._guard = AddressGuard(media.allow_networks, media.allow_hosts, resolve)
         self._cfg = cfg
         self._client: httpx.AsyncClient | None = None
-        self._pending: set[asyncio.Task] = set()  # held so running deliveries are not collected
+        # Running deliveries (held so they are not collected) and what to do if one is cut short.
+        self._pending: dict[asyncio.Task, Callable[[], Awaitable[None]] | None] = {}
 
-    def send(self, url: str, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    def send(
+        self, url: str, payload: dict[str, Any], headers: dict[str, str] | None = None,
+        on_abandon: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Deliver in the background. `on_abandon` runs if the sender closes before the delivery
+        ended (the replica is stopping): it hands the delivery to someone who can finish it."""
         task = asyncio.get_running_loop().create_task(self.deliver(url, payload, headers or {}))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._pending[task] = on_abandon
+        task.add_done_callback(lambda t: self._pending.pop(t, None))
 
     async def deliver(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> bool:
         """POST until a 2xx, at most `attempts` times with doubling waits; True when acknowledged."""
@@ -64,7 +70,15 @@ class WebhookSender:
         return False
 
     async def aclose(self) -> None:
-        for task in list(self._pending):
+        cut_short = [(task, handover) for task, handover in self._pending.items() if not task.done()]
+        for task, _ in cut_short:
             task.cancel()
+        await asyncio.gather(*(task for task, _ in cut_short), return_exceptions=True)
+        for _, handover in cut_short:
+            if handover is not None:
+                try:
+                    await handover()
+                except Exception:  # the store is gone too: nothing more to do here
+                    log.exception("webhook: could not hand an unfinished delivery over")
         if self._client is not None:
             await self._client.aclose()

@@ -355,6 +355,13 @@ for _ = 1, tonumber(ARGV[2]) do
 end
 return taken
 """,
+    # id: offer an ended job's end again (a delivery cut short)
+    "renotify": """
+local status = redis.call('HGET', key('job', ARGV[2]), 'status')
+if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+  redis.call('RPUSH', key('finished'), ARGV[2])
+end
+""",
     # (no arguments) -> queued, running
     "counts": """
 return {redis.call('ZCARD', key('queue')), redis.call('ZCARD', key('running'))}
@@ -480,6 +487,9 @@ class RedisBackend:
 
     async def _take_finished(self, limit: int, now: float) -> list[Job]:
         return [_job(reply) for reply in await self._run("take_finished", limit)]
+
+    async def _renotify(self, job_id: str, now: float) -> None:
+        await self._run("renotify", job_id)
 
     async def _counts(self, now: float) -> dict[str, int]:
         queued, running = await self._run("counts")

@@ -231,6 +231,12 @@ class MemoryStore:
         taken = [self._finished.popleft() for _ in range(min(limit, len(self._finished)))]
         return [self._jobs[job_id].model_copy() for job_id in taken if job_id in self._jobs]
 
+    def renotify(self, job_id: str, now: float) -> None:
+        """Offer an ended job's end again (its webhook delivery was cut short by a stopping replica)."""
+        job = self._jobs.get(job_id)
+        if job is not None and job.status.terminal:
+            self._finished.append(job_id)
+
     def counts(self, now: float) -> dict[str, int]:
         """Jobs queued and running, all owners (for the metrics)."""
         running = sum(1 for job in self._jobs.values() if job.status == JobStatus.RUNNING)
@@ -326,6 +332,9 @@ class JobStore:
 
     async def take_finished(self, limit: int = 100) -> list[Job]:
         return await self._backend.call("take_finished", limit, self._clock())
+
+    async def renotify(self, job_id: str) -> None:
+        await self._backend.call("renotify", job_id, self._clock())
 
     async def counts(self) -> dict[str, int]:
         return await self._backend.call("counts", self._clock())

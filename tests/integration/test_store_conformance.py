@@ -413,3 +413,17 @@ def test_a_forgotten_job_is_skipped(store, clock):
     run(store.enqueue(kept, L, cap_pending=False))
     run(store.cancel(kept.id, "alice"))
     assert [j.id for j in run(store.take_finished())] == [kept.id]
+
+
+def test_renotify_offers_an_ended_job_again_and_nothing_else(store):
+    ended, waiting = job(notify=True), job()
+    for j in (ended, waiting):
+        run(store.enqueue(j, L, cap_pending=False))
+    run(store.cancel(ended.id, "alice"))
+    assert [j.id for j in run(store.take_finished())] == [ended.id]
+    run(store.renotify(ended.id))  # its delivery was cut short: offered once more
+    run(store.renotify(waiting.id))  # not ended: nothing to announce
+    run(store.renotify("no-such-job"))
+    again = run(store.take_finished())
+    assert [j.id for j in again] == [ended.id] and again[0].status == JobStatus.CANCELLED
+    assert run(store.take_finished()) == []

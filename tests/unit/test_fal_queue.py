@@ -3,6 +3,7 @@ the real app, job runner and store with a fake engine. The real clients are in t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -444,3 +445,20 @@ def test_fal_webhook_for_jobs_ended_before_they_started(tmp_path):
                                 "payload": {"detail": "Request was cancelled", "error_type": "request_cancelled"}}
     assert by_id[late]["status"] == "ERROR" and by_id[late]["error"] == "Invalid status code: 504"
     assert by_id[late]["payload"] == {"detail": "Request timed out", "error_type": "request_timeout"}
+
+
+def test_a_webhook_still_being_retried_when_the_replica_stops_goes_back_to_the_store():
+    rx = Receiver([503])  # never acknowledged: the delivery waits to retry when the app stops
+    try:
+        media = MediaConfig(allow_networks=["127.0.0.1/32"])
+        client = client_for(media=media, webhooks=WebhooksConfig(backoff_s=60.0, timeout_s=2.0))
+        with client:
+            rid = client.post(f"/queue{APP}?fal_webhook={rx.url}", json=body(), headers=AUTH).json()["request_id"]
+            deadline = time.monotonic() + 10
+            while not rx.calls and time.monotonic() < deadline:
+                time.sleep(0.05)
+        store = client.app.state.services.store
+        again = asyncio.run(store.take_finished())
+    finally:
+        rx.close()
+    assert len(rx.calls) == 1 and [job.id for job in again] == [rid]  # another runner will deliver it

@@ -62,6 +62,27 @@ def test_waits_double_up_to_the_cap(receiver_factory, monkeypatch):
     assert waits == [2.0, 4.0, 5.0, 5.0] and len(down.calls) == 5
 
 
+def test_a_delivery_cut_short_by_close_is_handed_over(receiver_factory):
+    down, fine = receiver_factory([503]), receiver_factory([200])
+    handed = []
+
+    async def main():
+        cfg = WebhooksConfig(attempts=5, backoff_s=30.0, timeout_s=2.0)  # stuck waiting to retry
+        s = WebhookSender(MediaConfig(allow_networks=["127.0.0.1/32"]), cfg)
+
+        async def handover(name):
+            handed.append(name)
+
+        s.send(down.url, {"n": 1}, on_abandon=lambda: handover("down"))
+        s.send(fine.url, {"n": 2}, on_abandon=lambda: handover("fine"))
+        await asyncio.sleep(0.5)
+        await s.aclose()
+
+    asyncio.run(main())
+    assert handed == ["down"]  # the acknowledged one is done; only the unfinished one goes back
+    assert len(down.calls) == 1 and len(fine.calls) == 1
+
+
 @pytest.mark.parametrize("url", ["http://10.0.0.5/hook", "http://169.254.169.254/latest", "ftp://example.com/x"])
 def test_refused_targets_are_never_contacted(url):
     # IP literals and bad schemes are refused before any connection; nothing to retry.

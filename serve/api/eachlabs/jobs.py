@@ -43,4 +43,6 @@ class EachlabsExecutor:
         url, payload = job.meta.get("webhook_url"), webhook_payload(job)
         if url and payload is not None:
             secret = job.meta.get("webhook_secret")
-            self._services.webhooks.send(url, payload, {"X-Webhook-Secret": secret} if secret else {})
+            store = self._services.store
+            self._services.webhooks.send(url, payload, {"X-Webhook-Secret": secret} if secret else {},
+                                         on_abandon=lambda: store.renotify(job.id))

@@ -36,4 +36,5 @@ class FalExecutor:
 
     def finished(self, job: Job) -> None:
         if url := job.meta.get("webhook_url"):
-            self._services.webhooks.send(url, webhook_payload(job))
+            store = self._services.store
+            self._services.webhooks.send(url, webhook_payload(job), on_abandon=lambda: store.renotify(job.id))
