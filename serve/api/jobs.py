@@ -1,9 +1,10 @@
-"""What every API's job executor does: fetch the image, generate on the engine, log real events."""
+"""What every API's job executor does: fetch the image, generate on the engine, log real events;
+and, when the job has ended, send its webhook."""
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from PIL import Image
 
@@ -32,3 +33,12 @@ async def generate_for_job(
         num_output_tokens=done.num_output_tokens,
         finish_reason=done.finish_reason,
     )
+
+
+def send_webhook(
+    services: Services, job: Job, url: str, payload: dict[str, Any], headers: dict[str, str] | None = None
+) -> None:
+    """Deliver a job's webhook in the background; if this replica stops before the delivery ends,
+    the job goes back to the store's outbox and another runner delivers it."""
+    store = services.store
+    services.webhooks.send(url, payload, headers, on_abandon=lambda: store.renotify(job.id))

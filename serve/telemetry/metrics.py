@@ -111,17 +111,21 @@ def metrics() -> Metrics:
     return Metrics()
 
 
+@cache
+def _node_metrics_url() -> str:
+    """This node's metrics agent (a process never moves: asked of Ray's GCS once)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == here)
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
 async def node_metrics() -> str:
     """Everything this node's Ray metrics agent exports (this process's metrics, the engine's and
     vLLM's when they share the node), in Prometheus text format."""
-    import ray
-
-    def url() -> str:
-        here = ray.get_runtime_context().get_node_id()
-        node = next(n for n in ray.nodes() if n["NodeID"] == here)
-        return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-
+    url = await asyncio.to_thread(_node_metrics_url)
     async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
-        resp = await client.get(await asyncio.to_thread(url))
+        resp = await client.get(url)
         resp.raise_for_status()
         return resp.text

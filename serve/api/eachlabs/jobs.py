@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from serve.api.eachlabs.protocol import LlavaInput, error_output, to_generation_request
-from serve.api.jobs import generate_for_job
+from serve.api.jobs import generate_for_job, send_webhook
 from serve.api.services import Services
 from serve.jobs.models import Job, JobResult, JobStatus
 from serve.jobs.runner import LogFn
@@ -43,6 +43,4 @@ class EachlabsExecutor:
         url, payload = job.meta.get("webhook_url"), webhook_payload(job)
         if url and payload is not None:
             secret = job.meta.get("webhook_secret")
-            store = self._services.store
-            self._services.webhooks.send(url, payload, {"X-Webhook-Secret": secret} if secret else {},
-                                         on_abandon=lambda: store.renotify(job.id))
+            send_webhook(self._services, job, url, payload, {"X-Webhook-Secret": secret} if secret else {})

@@ -6,7 +6,7 @@ from typing import Any
 
 from serve.api.fal.errors import to_fal_error
 from serve.api.fal.protocol import FalInput, to_generation_request, webhook_payload
-from serve.api.jobs import generate_for_job
+from serve.api.jobs import generate_for_job, send_webhook
 from serve.api.services import Services
 from serve.jobs.models import Job, JobResult
 from serve.jobs.runner import LogFn
@@ -36,5 +36,4 @@ class FalExecutor:
 
     def finished(self, job: Job) -> None:
         if url := job.meta.get("webhook_url"):
-            store = self._services.store
-            self._services.webhooks.send(url, webhook_payload(job), on_abandon=lambda: store.renotify(job.id))
+            send_webhook(self._services, job, url, webhook_payload(job))
