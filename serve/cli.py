@@ -1,4 +1,4 @@
-"""`llava-serve run | check | tiny-model`."""
+"""`llava-serve run | check | render-k8s | tiny-model`."""
 
 from __future__ import annotations
 
@@ -82,6 +82,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_render_k8s(args: argparse.Namespace) -> int:
+    from serve.k8s import KEY, render, replace_block
+
+    manifest = Path(args.manifest)
+    try:
+        current = manifest.read_text()
+        updated = replace_block(current, render(Path(args.config)))
+    except (OSError, ValueError) as exc:  # ConfigError is a ValueError
+        print(f"render-k8s: {exc}", file=sys.stderr)
+        return 1
+    if args.check:
+        if updated != current:
+            print(f"{manifest}: {KEY} is stale; run `make k8s` (llava-serve render-k8s {args.config} {manifest})",
+                  file=sys.stderr)
+            return 1
+        print(f"{manifest}: {KEY} matches {args.config}")
+        return 0
+    manifest.write_text(updated)
+    print(f"{manifest}: {KEY} rendered from {args.config}")
+    return 0
+
+
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from serve.engine.tiny_model import build_tiny_model
 
@@ -99,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="validate a config end to end without starting anything")
     p.add_argument("config")
     p.set_defaults(func=_cmd_check)
+    p = sub.add_parser("render-k8s", help="write a config's Serve config into a RayService's serveConfigV2")
+    p.add_argument("config")
+    p.add_argument("manifest", help="the RayService YAML whose 'serveConfigV2: |' block is replaced")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if the block is stale")
+    p.set_defaults(func=_cmd_render_k8s)
     p = sub.add_parser("tiny-model", help="write the tiny random LLaVA-1.5-architecture model")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)

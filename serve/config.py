@@ -23,6 +23,7 @@ LLAVA_V1_TEMPLATE = (
 
 ENV_KEYS_FILE = "LLAVA_SERVE_KEYS_FILE"
 ENV_PORT = "PORT"
+ENV_HOST = "LLAVA_SERVE_HOST"
 
 
 class _Strict(BaseModel):
@@ -107,11 +108,19 @@ class DeploymentConfig(_Strict):
         20.0, ge=0, description="How long a stopping replica lets in-flight requests finish."
     )
     health_check_period_s: float = Field(10.0, gt=0, description="Interval of Serve's replica health checks.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources reserved per replica, e.g. {llava_ingress: 1} to keep replicas on the "
+        "worker group whose Ray nodes advertise that resource (k8s/: the CPU group, never the GPU workers).",
+    )
 
     def serve_options(self) -> dict[str, Any]:
         """The `serve.deployment(...).options(...)` arguments these settings stand for."""
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            actor["resources"] = dict(self.resources)
         opts: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": actor,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "health_check_period_s": self.health_check_period_s,
         }
@@ -131,7 +140,7 @@ class IngressConfig(DeploymentConfig):
 
 
 class HttpConfig(_Strict):
-    host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds.")
+    host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds (env LLAVA_SERVE_HOST overrides).")
     port: int = Field(8000, ge=0, le=65535, description="Port of the Serve HTTP proxy (env PORT overrides).")
     public_base_url: str | None = Field(
         None, description="Base URL clients reach this server at, for URLs put in responses (e.g. "
@@ -321,6 +330,18 @@ class ServeConfig(_Strict):
             raise ValueError("app_name must not be empty")
         return v
 
+    @model_validator(mode="after")
+    def _engine_scales_before_its_batch_is_full(self) -> ServeConfig:
+        # An engine replica holds at most max_num_seqs requests (engine_max_ongoing_requests); a target above
+        # that is only reached by requests waiting in Serve's router, so replicas would be added too late.
+        scaling = self.engine_deployment.autoscaling
+        if scaling is not None and scaling.target_ongoing_requests > self.engine.max_num_seqs:
+            raise ValueError(
+                f"engine_deployment.autoscaling.target_ongoing_requests ({scaling.target_ongoing_requests:g}) must "
+                f"not exceed engine.max_num_seqs ({self.engine.max_num_seqs}): scale up before vLLM's batch is full"
+            )
+        return self
+
     def engine_max_ongoing_requests(self) -> int:
         # A full batch, not Ray's default of 5: every request the engine can batch must reach it,
         # the rest wait in Serve's router where autoscaling can see them.
@@ -358,6 +379,8 @@ def parse_config(data: Any, base_dir: Path, env: Mapping[str, str], source: str 
         data["auth"] = {**(data.get("auth") or {}), "keys_file": Path(env[ENV_KEYS_FILE]).expanduser().resolve()}
     if env.get(ENV_PORT):
         data["http"] = {**(data.get("http") or {}), "port": env[ENV_PORT]}
+    if env.get(ENV_HOST):  # the CPU image binds 0.0.0.0 with the embedded default's config
+        data["http"] = {**(data.get("http") or {}), "host": env[ENV_HOST]}
     try:
         cfg = ServeConfig.model_validate(data)
     except ValidationError as exc:

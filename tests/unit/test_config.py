@@ -24,10 +24,11 @@ def test_engine_ongoing_requests_follow_max_num_seqs():
     assert prod.engine_max_ongoing_requests() == prod.engine.max_num_seqs == 24
 
 
-def test_env_overrides_port_and_keys_file(tmp_path, monkeypatch):
+def test_env_overrides_port_host_and_keys_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(CONFIGS / "local-cpu.yaml", env={"PORT": "9123", "LLAVA_SERVE_KEYS_FILE": "my-keys.yaml"})
-    assert cfg.http.port == 9123
+    env = {"PORT": "9123", "LLAVA_SERVE_HOST": "0.0.0.0", "LLAVA_SERVE_KEYS_FILE": "my-keys.yaml"}
+    cfg = load_config(CONFIGS / "local-cpu.yaml", env=env)
+    assert (cfg.http.host, cfg.http.port) == ("0.0.0.0", 9123)
     assert cfg.auth.keys_file == tmp_path / "my-keys.yaml"  # relative to where the command runs
 
 
@@ -43,6 +44,11 @@ def _raw() -> dict:
         (lambda d: d["model"].update(dtype="fp17"), "model.dtype: Input should be"),
         (lambda d: d["model"].update(prompt_template="no slots"), "model: Value error, prompt_template must contain"),
         (lambda d: d.pop("auth"), "auth: Field required"),
+        (
+            lambda d: d["engine_deployment"].update(autoscaling={"max_replicas": 2, "target_ongoing_requests": 17}),
+            "(top level): Value error, engine_deployment.autoscaling.target_ongoing_requests (17) must not exceed "
+            "engine.max_num_seqs (16)",
+        ),
         (lambda d: d["store"].update(backend="redis"), "store: Value error, redis_url is required"),
         (
             lambda d: d["engine_deployment"].update(autoscaling={"min_replicas": 3, "max_replicas": 2,

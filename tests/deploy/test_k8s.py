@@ -1,0 +1,318 @@
+"""k8s/, validated offline the way CI can: kustomize builds it, every object passes its schema (KubeRay's
+CRD with unknown keys refused, Kubernetes' own, Ray's ServeDeploySchema), the Serve config inside is the
+production config, and the hand-written rest agrees with that config."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from urllib.parse import urlsplit
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import ray
+import yaml
+from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
+
+from serve.app import ENGINE_DEPLOYMENT, app_builder, deployment_options
+from serve.auth import KeyRing
+from serve.config import parse_config
+from tests.conftest import CONFIGS, ROOT
+from tests.deploy.conftest import K8S, KUBERAY_CRDS, PROD, kustomize_build, ray_groups, ray_pods
+
+K8S_VERSION = "1.33.0"  # a Kubernetes release current KubeRay supports; kubernetes-validate ships its schemas
+CLI = [sys.executable, "-m", "serve.cli"]
+
+
+# --- schemas ----------------------------------------------------------------------------------------
+
+
+def strict(schema):
+    """A CRD schema that refuses unknown keys: additionalProperties false wherever properties are listed
+    (as kubeconform's converter does), except where the schema itself allows anything."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def rayservice_schema():
+    crd = yaml.safe_load((KUBERAY_CRDS / "ray.io_rayservices.yaml").read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft7Validator(strict(v1["schema"]["openAPIV3Schema"]))
+
+
+def errors_of(validator, doc) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def test_rayservice_matches_the_kuberay_v1_crd(rayservice, rayservice_schema):
+    assert rayservice["apiVersion"] == "ray.io/v1"
+    assert errors_of(rayservice_schema, rayservice) == []
+
+
+@pytest.mark.parametrize(
+    "path, typo",
+    [
+        (["spec", "rayClusterConfig", "workerGroupSpecs", 0], "minReplica"),
+        (["spec", "rayClusterConfig", "headGroupSpec", "template", "spec", "containers", 0], "resource"),
+        (["spec", "rayClusterConfig", "autoscalerOptions"], "idleTimeoutSecond"),
+    ],
+)
+def test_a_misspelt_key_is_refused(rayservice, rayservice_schema, path, typo):
+    doc = copy.deepcopy(rayservice)
+    node = doc
+    for step in path:
+        node = node[step]
+    node[typo] = 1
+    assert any("Additional properties are not allowed" in e and typo in e for e in errors_of(rayservice_schema, doc))
+
+
+def test_core_objects_pass_the_kubernetes_schemas(objects, rayservice):
+    core = [o for o in objects if o["apiVersion"] not in ("ray.io/v1", "monitoring.coreos.com/v1")]
+    assert {o["kind"] for o in core} >= {"Namespace", "Secret", "ConfigMap", "Service", "StatefulSet",
+                                         "PersistentVolumeClaim", "Job", "PodDisruptionBudget", "NetworkPolicy"}
+    serve_service = {"apiVersion": "v1", "kind": "Service", **rayservice["spec"]["serveService"]}
+    for obj in [*core, *ray_pods(rayservice).values(), serve_service]:
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']} {obj['metadata'].get('name')}: {exc.path}: {exc.message}")
+
+
+def test_the_validators_catch_a_broken_pod(rayservice):
+    pod = copy.deepcopy(ray_pods(rayservice)["gpu-l40s"])
+    pod["spec"]["containers"][0]["resources"]["limits"]["memory"] = "lots"
+    pod["spec"]["terminationGracePeriod"] = 10
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+# --- the Serve config inside ----------------------------------------------------------------------
+
+
+def serve_config_of(rayservice) -> dict:
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+def test_serve_config_is_the_production_config_rendered(rayservice, prod):
+    res = subprocess.run([*CLI, "render-k8s", "--check", str(PROD), str(K8S / "rayservice.yaml")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    (app,) = serve_config_of(rayservice)["applications"]
+    assert app["args"]["config"] == yaml.safe_load(PROD.read_text())  # the file itself, verbatim
+    assert parse_config(app["args"]["config"], PROD.parent, env={}) == prod
+    assert {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]} == json.loads(
+        json.dumps(deployment_options(prod))
+    )
+
+
+def test_serve_config_passes_rays_own_schema(rayservice):
+    ServeDeploySchema.model_validate(serve_config_of(rayservice))
+
+
+def test_the_app_inside_passes_llava_serve_check_and_builds(rayservice, tmp_path, monkeypatch):
+    (app,) = serve_config_of(rayservice)["applications"]
+    config = tmp_path / "from-rayservice.yaml"
+    config.write_text(yaml.safe_dump(app["args"]["config"]))
+    # The keys file is the Secret the ingress pods mount; point the documented override at the example keys.
+    env = {**os.environ, "LLAVA_SERVE_KEYS_FILE": str(CONFIGS / "keys.local.yaml")}
+    res = subprocess.run([*CLI, "check", str(config)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=180)
+    assert res.returncode == 0, res.stderr
+    module, _, attr = app["import_path"].partition(":")
+    assert (module, attr) == ("serve.app", "app_builder")
+    assert isinstance(app_builder(app["args"]), Application)
+
+
+def test_render_k8s_rewrites_only_the_serve_config(tmp_path):
+    manifest = tmp_path / "rayservice.yaml"
+    shutil.copy(K8S / "rayservice.yaml", manifest)
+    data = yaml.safe_load(PROD.read_text())
+    data["engine"]["max_num_seqs"] = 20
+    config = tmp_path / "changed.yaml"
+    config.write_text(yaml.safe_dump(data))
+
+    stale = subprocess.run([*CLI, "render-k8s", "--check", str(config), str(manifest)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert stale.returncode == 1 and "stale" in stale.stderr
+    assert manifest.read_text() == (K8S / "rayservice.yaml").read_text()  # --check changes nothing
+
+    subprocess.run([*CLI, "render-k8s", str(config), str(manifest)], check=True, cwd=ROOT, timeout=120,
+                   capture_output=True)
+    before, after = yaml.safe_load((K8S / "rayservice.yaml").read_text()), yaml.safe_load(manifest.read_text())
+    (engine,) = [d for d in yaml.safe_load(after["spec"]["serveConfigV2"])["applications"][0]["deployments"]
+                 if d["name"] == ENGINE_DEPLOYMENT]
+    assert engine["max_ongoing_requests"] == 20
+    before["spec"].pop("serveConfigV2"), after["spec"].pop("serveConfigV2")
+    assert before == after
+    comments = [line for line in manifest.read_text().splitlines() if line.lstrip().startswith("#")]
+    assert comments == [line for line in (K8S / "rayservice.yaml").read_text().splitlines()
+                        if line.lstrip().startswith("#")]
+
+
+# --- the hand-written parts agree with the config -----------------------------------------------------
+
+
+def ray_resources(group: dict) -> dict[str, float]:
+    """The custom Ray resources a group's nodes advertise (rayStartParams' JSON-in-a-string form)."""
+    raw = group["rayStartParams"].get("resources")
+    return {k: float(v) for k, v in json.loads(json.loads(raw)).items()} if raw else {}
+
+
+def container(group: dict) -> dict:
+    (c,) = group["template"]["spec"]["containers"]
+    return c
+
+
+def test_engine_pods_fit_exactly_one_engine_replica_each(rayservice, prod):
+    gpu = ray_groups(rayservice)["gpu-l40s"]
+    dep, scaling = prod.engine_deployment, prod.engine_deployment.autoscaling
+    limits = container(gpu)["resources"]["limits"]
+    assert float(gpu["rayStartParams"]["num-cpus"]) == dep.num_cpus
+    assert float(gpu["rayStartParams"]["num-gpus"]) == dep.num_gpus == float(limits["nvidia.com/gpu"])
+    assert float(limits["cpu"]) > dep.num_cpus  # headroom for the raylet, proxy and vLLM's busy loop
+    assert (gpu["minReplicas"], gpu["maxReplicas"]) == (scaling.min_replicas, scaling.max_replicas)
+    spec = gpu["template"]["spec"]
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L40S"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert spec["terminationGracePeriodSeconds"] > dep.graceful_shutdown_timeout_s + 2
+    shm = {v["name"]: v for v in spec["volumes"]}[
+        {m["mountPath"]: m["name"] for m in container(gpu)["volumeMounts"]}["/dev/shm"]]
+    assert shm["emptyDir"]["medium"] == "Memory"
+
+
+def test_ingress_replicas_land_only_on_the_cpu_group_and_fit_there(rayservice, prod):
+    groups = ray_groups(rayservice)
+    ing, scaling = prod.ingress, prod.ingress.autoscaling
+    assert ing.resources, "ingress replicas must be pinned to the CPU group by a custom resource"
+    hosts = {name for name, g in groups.items() if set(ing.resources) <= set(ray_resources(g))}
+    assert hosts == {"cpu-ingress"}
+    cpu = groups["cpu-ingress"]
+    per_pod = min(
+        [ray_resources(cpu)[r] / need for r, need in ing.resources.items()]
+        + [float(cpu["rayStartParams"]["num-cpus"]) / ing.num_cpus]
+    )
+    assert cpu["maxReplicas"] * per_pod >= scaling.max_replicas
+    assert cpu["minReplicas"] * per_pod >= scaling.min_replicas
+    assert cpu["minReplicas"] >= 2  # two pods: one can drain (PDB) while the other serves
+    assert cpu["template"]["spec"]["terminationGracePeriodSeconds"] > ing.graceful_shutdown_timeout_s + 2
+    assert groups["head"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_http_port_keys_store_and_weights_are_wired(objects, rayservice, prod):
+    groups = ray_groups(rayservice)
+    for name in ("gpu-l40s", "cpu-ingress"):
+        c = container(groups[name])
+        assert {p["name"]: p["containerPort"] for p in c["ports"]}["serve"] == prod.http.port
+        assert f"http://localhost:{prod.http.port}/-/healthz" in c["readinessProbe"]["exec"]["command"][-1]
+    assert rayservice["spec"]["serveService"]["spec"]["ports"][0]["port"] == prod.http.port
+
+    # The keys file: the Secret, mounted where auth.keys_file points, on the pods that run the ingress.
+    cpu = groups["cpu-ingress"]
+    mount = {m["mountPath"]: m["name"] for m in container(cpu)["volumeMounts"]}[str(prod.auth.keys_file.parent)]
+    secret_name = {v["name"]: v for v in cpu["template"]["spec"]["volumes"]}[mount]["secret"]["secretName"]
+    (secret,) = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == secret_name]
+    assert prod.auth.keys_file.name in secret["data"]
+
+    # store.redis_url names the Redis Service and its port.
+    url = urlsplit(prod.store.redis_url)
+    (redis,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == url.hostname]
+    assert url.port in [p["port"] for p in redis["spec"]["ports"]]
+
+    # The download Job fills the cache the engine pods read, with the model the config serves.
+    (job,) = [o for o in objects if o["kind"] == "Job"]
+    (dl,) = job["spec"]["template"]["spec"]["containers"]
+    assert prod.model.source in dl["command"]
+    gpu = groups["gpu-l40s"]
+    env = {c["name"]: {e["name"]: e["value"] for e in c.get("env", [])} for c in (dl, container(gpu))}
+    assert env[dl["name"]]["HF_HOME"] == env[container(gpu)["name"]]["HF_HOME"]
+
+    def claim_at(pod_spec, c, path):
+        volume = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}[path]
+        return {v["name"]: v for v in pod_spec["volumes"]}[volume]["persistentVolumeClaim"]["claimName"]
+
+    assert claim_at(job["spec"]["template"]["spec"], dl, "/models") == claim_at(gpu["template"]["spec"],
+                                                                                 container(gpu), "/models")
+
+
+def test_every_ray_pod_runs_one_image_with_the_pinned_ray(objects, rayservice):
+    images = {container(g)["image"] for g in ray_groups(rayservice).values()}
+    (job,) = [o for o in objects if o["kind"] == "Job"]
+    assert len(images) == 1 and images == {job["spec"]["template"]["spec"]["containers"][0]["image"]}
+    assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
+    assert f"ray[serve]=={ray.__version__}" in (ROOT / "requirements-runtime.txt").read_text()
+
+
+def test_prometheus_scrapes_every_ray_pod_on_its_metrics_port(objects, rayservice):
+    (monitor,) = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    services = [o for o in objects if o["kind"] == "Service"
+                and monitor["spec"]["selector"]["matchLabels"].items() <= o["metadata"]["labels"].items()]
+    assert len(services) == 1
+    (svc,) = services
+    assert svc["spec"]["clusterIP"] == "None"  # one endpoint per pod: each node's own metrics
+    (endpoint,) = monitor["spec"]["endpoints"]
+    (port,) = [p for p in svc["spec"]["ports"] if p["name"] == endpoint["port"]]
+    for name, group in ray_groups(rayservice).items():
+        labels = group["template"]["metadata"]["labels"]
+        assert svc["spec"]["selector"].items() <= labels.items(), name
+        assert {p["name"]: p["containerPort"] for p in container(group)["ports"]}[port["targetPort"]] == 8080, name
+
+
+def test_disruption_budgets_and_network_policies_select_real_pods(objects, rayservice):
+    pod_labels = [g["template"]["metadata"]["labels"] for g in ray_groups(rayservice).values()]
+    pod_labels += [o["spec"]["template"]["metadata"]["labels"] for o in objects if o["kind"] in ("StatefulSet", "Job")]
+    for o in objects:
+        if o["kind"] in ("PodDisruptionBudget", "NetworkPolicy"):
+            selector = (o["spec"].get("selector") or o["spec"]["podSelector"])["matchLabels"]
+            assert any(selector.items() <= labels.items() for labels in pod_labels), o["metadata"]["name"]
+
+
+def test_shipped_keys_let_nobody_in(objects, prod):
+    (secret,) = [o for o in objects if o["kind"] == "Secret"]
+    assert len(KeyRing.load(K8S / "keys.yaml", prod.limits)) == 0
+
+
+def readme_block(first_line: str) -> str:
+    """The README's fenced code block that starts with `first_line`."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n" + first_line + "\n") + 1
+    return text[start : text.index("```", start)]
+
+
+def test_the_readmes_overlay_sets_image_and_keys(tmp_path):
+    # The README's deployment section, as a reader follows it: this repository beside their overlay.
+    shutil.copytree(K8S, tmp_path / "llava-serve" / "k8s")
+    overlay = tmp_path / "my-deploy"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(readme_block("# my-deploy/kustomization.yaml"))
+    (overlay / "keys.yaml").write_text(readme_block("# my-deploy/keys.yaml"))
+    built = kustomize_build(overlay)
+
+    (svc,) = [o for o in built if o["kind"] == "RayService"]
+    (job,) = [o for o in built if o["kind"] == "Job"]
+    images = {container(g)["image"] for g in ray_groups(svc).values()} | {
+        job["spec"]["template"]["spec"]["containers"][0]["image"]}
+    assert images == {"registry.example.com/llava-serve-gpu:0.1.0"}
+    (secret,) = [o for o in built if o["kind"] == "Secret"]
+    keys = base64.b64decode(secret["data"]["keys.yaml"]).decode()
+    assert keys == (overlay / "keys.yaml").read_text()
+    (keyfile := tmp_path / "keys.yaml").write_text(keys)
+    assert len(KeyRing.load(keyfile, parse_config(yaml.safe_load(PROD.read_text()), PROD.parent, env={}).limits)) == 2
+    (pvc,) = [o for o in built if o["kind"] == "PersistentVolumeClaim"]
+    assert pvc["spec"]["storageClassName"]  # the overlay picks a ReadWriteMany class
