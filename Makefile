@@ -70,6 +70,14 @@ tiny-model: $(TINY)/config.json
 $(TINY)/config.json: $(STAMP) serve/engine/tiny_model.py
 	$(VENV)/bin/llava-serve tiny-model $(TINY)
 
+# Locust: a short headless load on a local stack, judged by loadtest/check.py (LOADTEST_ARGS: see
+# `loadtest/smoke.py --help`); and llava-serve against bare `vllm serve`, side by side. Results: loadtest/results/.
+.PHONY: loadtest bench
+loadtest: install tiny-model
+	$(PY) loadtest/smoke.py $(LOADTEST_ARGS)
+bench: install tiny-model
+	$(PY) loadtest/bench.py $(BENCH_ARGS)
+
 # Image intake vs vLLM's own loader: bytes -> model-ready image, plus the CLIP processor after it.
 .PHONY: bench-media
 bench-media: install tiny-model

@@ -25,6 +25,10 @@ def deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
     engine["max_ongoing_requests"] = cfg.engine_max_ongoing_requests()
     ingress = cfg.ingress.serve_options()
     ingress["max_ongoing_requests"] = cfg.ingress.max_ongoing_requests
+    for opts in (engine, ingress):
+        # Our JSON access line (serve/telemetry/access.py) replaces Serve's own per-call line: one line
+        # per request, not two, and none per engine call (loadtest/README.md: measured).
+        opts["logging_config"] = {"enable_access_log": False}
     return {ENGINE_DEPLOYMENT: engine, INGRESS_DEPLOYMENT: ingress}
 
 

@@ -81,6 +81,11 @@ class EngineConfig(_Strict):
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables set in the engine replica's process."
     )
+    stream_interval_s: float = Field(
+        0.02, ge=0, description="Least time between two streamed text deltas leaving the engine replica; "
+        "deltas arriving sooner are merged (the first token always leaves at once). A fast engine then pays "
+        "one Ray object and one SSE event per interval instead of per token; 0 sends every delta as it comes.",
+    )
 
 
 class AutoscalingConfig(_Strict):

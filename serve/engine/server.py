@@ -10,7 +10,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from serve.config import ServeConfig
-from serve.engine.types import EngineUnavailable, GenerationRequest, StreamItem
+from serve.engine.types import EngineUnavailable, GenerationRequest, StreamItem, coalesce
 from serve.engine.vllm_engine import VLLMEngine
 
 
@@ -23,9 +23,10 @@ class LLMServer:
         # vLLM's metrics (vllm:*) through Ray's metrics export, like ours: under Ray, vLLM's own
         # Prometheus registry lives in the replica process and nothing would ever scrape it.
         self._engine = VLLMEngine(cfg, stat_loggers=[RayPrometheusStatLogger])
+        self._stream_interval_s = cfg.engine.stream_interval_s
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
-        async for item in self._engine.generate(request):
+        async for item in coalesce(self._engine.generate(request), self._stream_interval_s):
             yield item
 
     async def check_health(self) -> None:

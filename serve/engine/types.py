@@ -6,9 +6,10 @@ came from. An engine stream is zero or more `TextDelta`s followed by exactly one
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import asyncio
-from typing import AsyncGenerator, AsyncIterator, Protocol
+import time
+from dataclasses import dataclass
+from typing import AsyncGenerator, AsyncIterator, Callable, Protocol
 
 from PIL import Image
 
@@ -95,3 +96,35 @@ async def started(
             await stream.aclose()  # closing the whole closes the engine stream (aborts the request)
 
     return whole()
+
+
+async def coalesce(
+    stream: AsyncIterator[StreamItem], interval_s: float, clock: Callable[[], float] = time.monotonic
+) -> AsyncGenerator[StreamItem, None]:
+    """The stream with text deltas merged so that at most one leaves per `interval_s`: the first at once
+    (time to first token is untouched), later ones when the interval has passed since the last one sent,
+    the rest with the completion. Every delta that crosses a process boundary costs a Ray object and an
+    SSE event; a fast engine (tokens every few ms) would pay that per token, a GPU at tens of ms per
+    step never waits."""
+    pending: TextDelta | None = None
+    sent_at: float | None = None
+    try:
+        async for item in stream:
+            if isinstance(item, TextDelta):
+                if pending is not None:
+                    item = TextDelta(pending.text + item.text, pending.num_tokens + item.num_tokens)
+                now = clock()
+                if sent_at is None or now - sent_at >= interval_s:
+                    pending, sent_at = None, now
+                    yield item
+                else:
+                    pending = item
+            else:
+                if pending is not None:
+                    yield pending
+                    pending = None
+                yield item
+    except Exception:
+        if pending is not None:  # the text generated before a failure still reaches the caller
+            yield pending
+        raise

@@ -7,7 +7,7 @@ Serve deployment.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from serve.config import ServeConfig
 from serve.engine.types import (
@@ -23,10 +23,8 @@ if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
 
-def build_engine_args(cfg: ServeConfig) -> AsyncEngineArgs:
-    """vLLM's engine arguments for a config. Constructing them validates names and types offline."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
+def engine_arg_values(cfg: ServeConfig) -> dict[str, Any]:
+    """The AsyncEngineArgs fields a config sets (loadtest/bench.py gives the same to `vllm serve`)."""
     e = cfg.engine
     explicit = {
         "model": cfg.model.source,
@@ -50,7 +48,14 @@ def build_engine_args(cfg: ServeConfig) -> AsyncEngineArgs:
     clash = sorted(set(e.extra_args) & set(explicit))
     if clash:
         raise ValueError(f"engine.extra_args repeats settings that have their own field: {clash}")
-    return AsyncEngineArgs(**explicit, **e.extra_args)
+    return {**explicit, **e.extra_args}
+
+
+def build_engine_args(cfg: ServeConfig) -> AsyncEngineArgs:
+    """vLLM's engine arguments for a config. Constructing them validates names and types offline."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(**engine_arg_values(cfg))
 
 
 @dataclass
