@@ -238,6 +238,8 @@ async def measure(our_url: str, vllm_url: str, args) -> dict:
     same = (a.prompt_tokens, a.output_tokens, a.text) == (b.prompt_tokens, b.output_tokens, b.text)
     print(f"same prompt tokens ({a.prompt_tokens} / {b.prompt_tokens}) and same greedy output "
           f"({a.output_tokens} / {b.output_tokens} tokens): {'yes' if same else 'NO'}", flush=True)
+    if not same:
+        raise SystemExit("bench: the two servers do not see the same tokens; their figures would not compare")
     for name, (send, url) in senders.items():  # warm both (first-request costs)
         await run_level(send, url, 2, 4, args.max_new_tokens, images)
 

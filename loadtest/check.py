@@ -18,8 +18,9 @@ import yaml
 # Each path must have finished end to end at least once, or the run proves nothing about it.
 MUST_COMPLETE = ("fal run", "fal stream: complete", "fal queue: complete", "eachlabs: complete")
 # Admission times are the client's send times: a window this much shorter than the limiter's 60 s
-# absorbs client-to-server latency jitter; a limiter that over-admits shows up far above the limit.
-JITTER_S = 1.0
+# absorbs how much longer one request may take than another to reach the limiter under load (body upload,
+# proxy queueing); a limiter that over-admits (say, per replica) still shows up far above the limit.
+JITTER_S = 5.0
 
 
 def rate_limits(keys_file: Path, default: int) -> dict[str, tuple[str, int]]:
@@ -47,6 +48,11 @@ def judge(stats_prefix: Path, admissions: Path, keys_file: Path, default_rate: i
         with open(f"{stats_prefix}_failures.csv") as f:
             for r in csv.DictReader(f):
                 problems.append(f"{r['Occurrences']} x {r['Method']} {r['Name']}: {r['Error']}")
+    exceptions = Path(f"{stats_prefix}_exceptions.csv")
+    if exceptions.exists():  # errors raised inside a user's task, outside any request
+        with open(exceptions) as f:
+            for r in csv.DictReader(f):
+                problems.append(f"{r['Count']} x exception in a task: {r['Message']}")
     for name in MUST_COMPLETE:
         ok = int(rows.get(name, {}).get("Request Count", 0)) - int(rows.get(name, {}).get("Failure Count", 0))
         if ok <= 0:

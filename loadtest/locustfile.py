@@ -30,6 +30,7 @@ IMAGES = workload.images()  # generated once, at start
 ADMITTED: dict[str, list[float]] = defaultdict(list)  # key -> send times of admitted generation requests
 FAL_PATH = "fal-ai/llavav15-13b"
 TERMINAL_EACHLABS = {"success", "error", "cancelled"}
+JOB_DEADLINE_S = 300.0  # a queued job or prediction not done by then is a failure, not a hung user
 
 if os.environ.get("LOADTEST_SHAPE"):
     LoadShape = SHAPES[os.environ["LOADTEST_SHAPE"]]  # a module-level shape class is what Locust runs
@@ -125,10 +126,10 @@ class FalStreamUser(Generating):
             for line in r.iter_lines():
                 if not line.startswith(b"data:"):
                     continue
-                if first:
+                last = json.loads(line[5:])
+                if first and last.get("output"):  # the first event carrying text, as make bench counts it
                     record("fal stream: time to first token", started)
                     first = False
-                last = json.loads(line[5:])
             if last is None or last.get("partial") is not False or last.get("error"):
                 r.failure(f"stream ended without a final event: {last}")
             else:
@@ -148,14 +149,18 @@ class FalQueueUser(Generating):
                 return
             request_id = r.json()["request_id"]
         base = f"/queue/{FAL_PATH}/requests/{request_id}"
+        deadline = time.monotonic() + JOB_DEADLINE_S
         while True:  # fal_client polls every 0.1 s
             with self.client.get(f"{base}/status", headers=headers, name="fal status", catch_response=True) as s:
                 if s.status_code not in (200, 202):
                     s.failure(f"HTTP {s.status_code}: {s.text[:200]}")
                     return
                 status = s.json()
-            if status["status"] == "COMPLETED":
-                break
+                if status["status"] == "COMPLETED":
+                    break
+                if time.monotonic() > deadline:
+                    s.failure(f"job not done after {JOB_DEADLINE_S:g} s: {status['status']}")
+                    return
             time.sleep(0.1)
         with self.client.get(base, headers=headers, name="fal result", catch_response=True) as res:
             if res.status_code != 200 or "output" not in res.json():
@@ -180,6 +185,7 @@ class EachlabsUser(Generating):
             if not self.admitted(r, "eachlabs create", sent):
                 return
             prediction_id = r.json()["predictionID"]
+        deadline = time.monotonic() + JOB_DEADLINE_S
         while True:  # the documented client polls every second
             time.sleep(1.0)
             with self.client.get(f"/v1/prediction/{prediction_id}", headers=headers, name="eachlabs get",
@@ -190,6 +196,9 @@ class EachlabsUser(Generating):
                 p = g.json()
                 if p["status"] == "error":
                     g.failure(f"prediction failed: {p.get('output')}")
+                    return
+                if p["status"] not in TERMINAL_EACHLABS and time.monotonic() > deadline:
+                    g.failure(f"prediction not done after {JOB_DEADLINE_S:g} s: {p['status']}")
                     return
             if p["status"] in TERMINAL_EACHLABS:
                 break

@@ -21,6 +21,8 @@ def main() -> int:
     p.add_argument("--host", help="a running llava-serve (default: start configs/local-cpu.yaml here)")
     p.add_argument("--keys-file", type=Path, default=stack.ROOT / "configs" / "keys.local.yaml",
                    help="the served keys file: its rate limits are what the run is judged against")
+    p.add_argument("--default-rate", type=int, default=60,
+                   help="limits.rate_per_minute of the served config (keys without their own)")
     p.add_argument("--fal-keys", default="local-test-key,local-burst-key")
     p.add_argument("--eachlabs-keys", default="local-each-key")
     p.add_argument("--users", type=int, default=12)
@@ -33,8 +35,8 @@ def main() -> int:
     server = (nullcontext(args.host) if args.host else
               stack.llava_serve(stack.ROOT / "configs" / "local-cpu.yaml", stack.free_port(), args.keys_file,
                                 log=open(args.out / "server.log", "w")))
-    for stale in args.out.glob("loadtest*"):  # never judge a previous run's files
-        stale.unlink()
+    for stale in [*args.out.glob("loadtest*"), args.out / "admissions.json"]:  # never judge an earlier run
+        stale.unlink(missing_ok=True)
     with server as host:
         cmd = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless", "--host", host,
                "-u", str(args.users), "-r", str(args.users), "-t", f"{args.duration}s", "--stop-timeout", "60",
@@ -46,7 +48,7 @@ def main() -> int:
     if not (args.out / "loadtest_stats.csv").exists():
         print(f"FAIL: locust exited with {locust.returncode} and wrote no results", file=sys.stderr)
         return 1
-    problems = check.judge(args.out / "loadtest", args.out / "admissions.json", args.keys_file)
+    problems = check.judge(args.out / "loadtest", args.out / "admissions.json", args.keys_file, args.default_rate)
     for line in problems:
         print("FAIL:", line, file=sys.stderr)
     print(f"load test: {'FAILED' if problems else 'passed'} (report: {args.out / 'loadtest.html'})")

@@ -56,8 +56,11 @@ def start_local(cfg: ServeConfig) -> None:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # address="local": always a fresh private cluster, never one RAY_ADDRESS points at.
+    # One machine is every worker group: offer the custom resources the deployments are pinned with
+    # (on KubeRay only the matching group's nodes advertise them), enough for any replica count.
+    custom = {name: 10_000 for name in (*cfg.engine_deployment.resources, *cfg.ingress.resources)}
     ray.init(
-        address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+        address="local", include_dashboard=False, _node_ip_address="127.0.0.1", resources=custom,
         _system_config={"metrics_report_interval_ms": int(1000 * cfg.telemetry.metrics_report_interval_s)},
     )
     http = {"host": cfg.http.host, "port": cfg.http.port}

@@ -102,10 +102,10 @@ async def coalesce(
     stream: AsyncIterator[StreamItem], interval_s: float, clock: Callable[[], float] = time.monotonic
 ) -> AsyncGenerator[StreamItem, None]:
     """The stream with text deltas merged so that at most one leaves per `interval_s`: the first at once
-    (time to first token is untouched), later ones when the interval has passed since the last one sent,
-    the rest with the completion. Every delta that crosses a process boundary costs a Ray object and an
-    SSE event; a fast engine (tokens every few ms) would pay that per token, a GPU at tens of ms per
-    step never waits."""
+    (time to first token is untouched); a later one that comes sooner is held and leaves merged with the
+    first delta arriving once the interval has passed, or just before the completion. Every delta that
+    crosses a process boundary costs a Ray object and an SSE event; a fast engine (tokens every few ms)
+    would pay that per token, while a GPU taking tens of ms per decode step never has a delta held."""
     pending: TextDelta | None = None
     sent_at: float | None = None
     try:
@@ -124,7 +124,15 @@ async def coalesce(
                     yield pending
                     pending = None
                 yield item
+        if pending is not None:  # a stream that ends without a completion still delivers its text
+            yield pending
     except Exception:
         if pending is not None:  # the text generated before a failure still reaches the caller
             yield pending
         raise
+    finally:
+        # Closed early (the caller is gone): close the engine stream now, which aborts the request,
+        # rather than whenever the garbage collector gets to it.
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -316,3 +316,20 @@ def test_the_readmes_overlay_sets_image_and_keys(tmp_path):
     assert len(KeyRing.load(keyfile, parse_config(yaml.safe_load(PROD.read_text()), PROD.parent, env={}).limits)) == 2
     (pvc,) = [o for o in built if o["kind"] == "PersistentVolumeClaim"]
     assert pvc["spec"]["storageClassName"]  # the overlay picks a ReadWriteMany class
+
+
+def test_pod_details_kuberay_and_the_disruption_controller_rely_on(objects, rayservice):
+    groups = ray_groups(rayservice)
+    for name, group in groups.items():
+        spec = group["template"]["spec"]
+        # KubeRay's own Services select Ray pods by app.kubernetes.io/name: the templates leave it alone.
+        assert "app.kubernetes.io/name" not in group["template"]["metadata"]["labels"], name
+        # Only the head needs its service account token: the autoscaler beside Ray calls the Kubernetes API.
+        assert spec["automountServiceAccountToken"] is (name == "head"), name
+    # Ray pods belong to a RayCluster, which has no scale subresource: only an integer minAvailable works.
+    for pdb in (o for o in objects if o["kind"] == "PodDisruptionBudget"):
+        assert set(pdb["spec"]) == {"minAvailable", "selector"} and isinstance(pdb["spec"]["minAvailable"], int)
+    for o in objects:
+        pod = o["spec"]["template"]["spec"] if o["kind"] in ("StatefulSet", "Job") else None
+        if pod is not None:
+            assert pod["automountServiceAccountToken"] is False, o["metadata"]["name"]

@@ -85,3 +85,26 @@ async def test_held_text_reaches_the_caller_before_a_failure():
         async for item in coalesce(engine(), 0.02, clock):
             got.append(item)
     assert got == [TextDelta("a", 1), TextDelta("b", 1)]
+
+
+async def test_a_caller_that_leaves_closes_the_engine_stream_at_once():
+    closed = asyncio.Event()
+
+    async def engine():
+        try:
+            yield TextDelta("a", 1)
+            yield TextDelta("b", 1)
+            yield Completion(1, 2, "stop")
+        finally:
+            closed.set()  # vLLM's generate() aborts the request here
+
+    stream = coalesce(engine(), 0.0)
+    assert await anext(stream) == TextDelta("a", 1)
+    await stream.aclose()
+    assert closed.is_set()
+
+
+async def test_text_held_when_the_stream_ends_without_a_completion_is_delivered():
+    clock = Clock(0.0)
+    out = await drain(coalesce(at(clock, [(0.0, TextDelta("a", 1)), (0.001, TextDelta("b", 1))]), 0.02, clock))
+    assert out == [TextDelta("a", 1), TextDelta("b", 1)]
