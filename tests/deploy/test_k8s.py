@@ -333,3 +333,26 @@ def test_pod_details_kuberay_and_the_disruption_controller_rely_on(objects, rays
         pod = o["spec"]["template"]["spec"] if o["kind"] in ("StatefulSet", "Job") else None
         if pod is not None:
             assert pod["automountServiceAccountToken"] is False, o["metadata"]["name"]
+
+
+def test_worker_pods_drain_their_ray_node_before_they_exit(rayservice, prod):
+    import re
+    import shlex
+
+    from ray.scripts.scripts import drain_node
+
+    groups = ray_groups(rayservice)
+    assert "lifecycle" not in container(groups["head"])  # the head is never drained: it is the cluster
+    for name, dep in (("gpu-l40s", prod.engine_deployment), ("cpu-ingress", prod.ingress)):
+        script = container(groups[name])["lifecycle"]["preStop"]["exec"]["command"][-1]
+        drain, _, wait = script.partition(" && ")
+        argv = shlex.split(drain)
+        assert argv[:2] == ["ray", "drain-node"]
+        params = drain_node.make_context("drain-node", argv[2:]).params  # Ray's own CLI parses it
+        deadline = params["deadline_remaining_seconds"]
+        assert params["reason"] == "DRAIN_NODE_REASON_PREEMPTION"  # accepted even while replicas run
+        # Serve begins a replica's graceful stop at deadline - graceful_shutdown_timeout_s; the pod waits out
+        # the deadline, and Kubernetes' grace period covers that plus Ray's exit.
+        assert deadline > dep.graceful_shutdown_timeout_s
+        assert re.fullmatch(r"sleep (\d+)", wait) and int(wait.split()[1]) >= deadline
+        assert groups[name]["template"]["spec"]["terminationGracePeriodSeconds"] > deadline
