@@ -42,7 +42,7 @@ def test_image_recipe_basics(dockerfile):
     user = last(dockerfile, "USER")
     assert user.isdigit() and int(user) >= 10000  # numeric non-root, as the pods' runAsUser
     assert "CMD [" in last(dockerfile, "HEALTHCHECK")
-    json.loads(last(dockerfile, "ENTRYPOINT")) == ["llava-serve"]
+    assert json.loads(last(dockerfile, "ENTRYPOINT")) == ["llava-serve"]
     assert json.loads(last(dockerfile, "CMD"))[0] == "run"
     # Everything COPY names exists in the build context (the repository root, minus .dockerignore).
     ignored = (ROOT / ".dockerignore").read_text()
