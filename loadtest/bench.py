@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -57,15 +57,15 @@ class Level:
     requests: int = 0
     wall_s: float = 0.0
     output_tokens: int = 0
-    ttft: list[float] | None = None
-    e2e: list[float] | None = None
+    ttft: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
 
     def add(self, samples: list[Sample], wall: float) -> None:
         self.requests += len(samples)
         self.wall_s += wall
         self.output_tokens += sum(s.output_tokens for s in samples)
-        self.ttft = (self.ttft or []) + [s.ttft for s in samples]
-        self.e2e = (self.e2e or []) + [s.e2e for s in samples]
+        self.ttft += [s.ttft for s in samples]
+        self.e2e += [s.e2e for s in samples]
 
     def summary(self) -> dict:
         return {
@@ -147,11 +147,11 @@ async def run_level(send, url: str, concurrency: int, n: int, max_tokens: int, i
         return samples, time.perf_counter() - start
 
 
-async def status_polls_per_s(url: str, seconds: float, concurrency: int) -> float:
+async def status_polls_per_s(url: str, image: str, seconds: float, concurrency: int) -> float:
     """GET status of one finished job as fast as `concurrency` clients can, against one ingress replica."""
     headers = {"Authorization": f"Key {KEY}"}
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency)) as client:
-        body = {"prompt": "hi", "image_url": workload.images()[0], "max_new_tokens": 4}
+        body = {"prompt": "hi", "image_url": image, "max_new_tokens": 4}
         job = (await client.post(f"{url}/queue/{FAL}", json=body, headers=headers)).json()
         status_url = f"{url}/queue/{FAL}/requests/{job['request_id']}/status"
         while (await client.get(status_url, headers=headers)).status_code != 200:
@@ -252,7 +252,7 @@ async def measure(our_url: str, vllm_url: str, args) -> dict:
                 samples, wall = await run_level(send, url, c, args.requests_per_round * c, args.max_new_tokens, images)
                 levels[server, c].add(samples, wall)
             print(f"  c={c} round {rnd + 1}/{args.rounds} done", flush=True)
-    polls = await status_polls_per_s(our_url, args.poll_seconds, args.poll_concurrency)
+    polls = await status_polls_per_s(our_url, images[0], args.poll_seconds, args.poll_concurrency)
     rows = [levels[s, c].summary() for s in senders for c in args.concurrency]
     return {"same_tokens": same, "rows": rows, "status_polls_per_s": polls}
 

@@ -83,10 +83,14 @@ def main() -> int:
     p.add_argument("--keys-file", type=Path, required=True, help="the served keys file (rate limits)")
     p.add_argument("--default-rate", type=int, default=60, help="limits.rate_per_minute of the served config")
     args = p.parse_args()
-    problems = judge(args.stats, args.admissions, args.keys_file, args.default_rate)
+    return report(judge(args.stats, args.admissions, args.keys_file, args.default_rate))
+
+
+def report(problems: list[str], where: str = "") -> int:
+    """Print the verdict; the exit status for it."""
     for line in problems:
         print("FAIL:", line, file=sys.stderr)
-    print("load test:", "FAILED" if problems else "passed")
+    print(f"load test: {'FAILED' if problems else 'passed'}{where}")
     return 1 if problems else 0
 
 

@@ -56,17 +56,15 @@ def _write_admissions(environment, **_):
             json.dump(ADMITTED, f)
 
 
-def _keys(option: str) -> itertools.cycle:
-    return itertools.cycle([k.strip() for k in option.split(",") if k.strip()])
-
-
 _KEY_CYCLES: dict[str, itertools.cycle] = {}
 
 
 def next_key(environment, option: str) -> str:
-    value = getattr(environment.parsed_options, option)
-    cycle = _KEY_CYCLES.setdefault(option, _keys(value))
-    return next(cycle)
+    """The next key of a comma-separated option, round robin over the users that ask."""
+    if option not in _KEY_CYCLES:
+        keys = [k.strip() for k in getattr(environment.parsed_options, option).split(",") if k.strip()]
+        _KEY_CYCLES[option] = itertools.cycle(keys)
+    return next(_KEY_CYCLES[option])
 
 
 def record(name: str, started: float, exception: Exception | None = None, length: int = 0) -> None:

