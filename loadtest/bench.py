@@ -5,8 +5,9 @@ Both servers run at once; at each concurrency the two are measured in alternatin
 then theirs, then the other way round), so machine noise hits both. llava-serve is driven through fal's
 stream route, vLLM through streamed chat completions with the image; both decode greedily from the same
 tokens (the same prompt format via loadtest/llava_v1.jinja, BOS included), so they produce the same
-outputs and the comparison is of the serving layers alone. Also measured: fal status polls per second
-against one ingress replica. Prints a table and a final line
+outputs and the comparison is of the serving layers alone. llava-serve runs as production does (HAProxy
+ingress, Redis store; --proxy/--store change that). Also measured: fal status polls per second against
+one ingress replica, and the replica's CPU per poll. Prints a table and a final line
 `throughput_ratio=<ours/vllm at c=max> ttft_p50_overhead_ms=<ours minus vllm at c=1>`, and writes
 loadtest/results/bench.json and bench.png.
 """
@@ -15,9 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -147,8 +152,10 @@ async def run_level(send, url: str, concurrency: int, n: int, max_tokens: int, i
         return samples, time.perf_counter() - start
 
 
-async def status_polls_per_s(url: str, image: str, seconds: float, concurrency: int) -> float:
-    """GET status of one finished job as fast as `concurrency` clients can, against one ingress replica."""
+async def status_polls(url: str, app: str, image: str, seconds: float, concurrency: int) -> dict:
+    """GET the status of one finished job as fast as `concurrency` clients can, against the one ingress
+    replica, with wrk where installed (a C client: the two cores go to the server, not to the client).
+    Also returns the replica's own CPU per poll: what one replica answers per second given one core."""
     headers = {"Authorization": f"Key {KEY}"}
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency)) as client:
         body = {"prompt": "hi", "image_url": image, "max_new_tokens": 4}
@@ -156,18 +163,65 @@ async def status_polls_per_s(url: str, image: str, seconds: float, concurrency: 
         status_url = f"{url}/queue/{FAL}/requests/{job['request_id']}/status"
         while (await client.get(status_url, headers=headers)).status_code != 200:
             await asyncio.sleep(0.1)
-        count, deadline = 0, time.perf_counter() + seconds
+        cpu_before, start = ingress_cpu_s(app), time.perf_counter()
+        if shutil.which("wrk"):
+            polls = wrk(status_url, headers, seconds, concurrency)
+        else:
+            polls = await httpx_polls(client, status_url, headers, seconds, concurrency)
+        wall, cpu = time.perf_counter() - start, ingress_cpu_s(app) - cpu_before
+    return {"client": "wrk" if shutil.which("wrk") else "httpx", "polls_per_s": polls / wall,
+            "ingress_cpu_ms_per_poll": 1000 * cpu / polls, "polls_per_ingress_cpu_s": polls / cpu}
 
-        async def poll():
-            nonlocal count
-            while time.perf_counter() < deadline:
-                r = await client.get(status_url, headers=headers)
-                assert r.status_code == 200, r.text
-                count += 1
 
-        start = time.perf_counter()
-        await asyncio.gather(*(poll() for _ in range(concurrency)))
-        return count / (time.perf_counter() - start)
+def wrk(url: str, headers: dict, seconds: float, concurrency: int) -> int:
+    cmd = ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds:.0f}s", url]
+    for name, value in headers.items():
+        cmd += ["-H", f"{name}: {value}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise SystemExit(f"bench: status polls failed:\n{out}")
+    return int(re.search(r"(\d+) requests in", out).group(1))
+
+
+async def httpx_polls(client: httpx.AsyncClient, url: str, headers: dict, seconds: float, concurrency: int) -> int:
+    count, deadline = 0, time.perf_counter() + seconds
+
+    async def poll():
+        nonlocal count
+        while time.perf_counter() < deadline:
+            r = await client.get(url, headers=headers)
+            assert r.status_code == 200, r.text
+            count += 1
+
+    await asyncio.gather(*(poll() for _ in range(concurrency)))
+    return count
+
+
+def ingress_cpu_s(app: str) -> float:
+    """CPU seconds the ingress replica's process has used so far (Linux /proc)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if f"ServeReplica:{app}:Ingress".encode() in cmdline.read_bytes():
+                fields = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except OSError:
+            continue
+    raise RuntimeError("no ingress replica process found")
+
+
+def our_config(base: Path, tmp: Path, keys: Path, proxy: str, redis_url: str | None) -> Path:
+    """`base` as production runs it: its ingress (http.proxy) and, with `redis_url`, its Redis store."""
+    data = yaml.safe_load(base.read_text())
+    source = base.parent / data["model"]["source"]
+    if source.exists():  # a relative path, to a file that moves
+        data["model"]["source"] = str(source.resolve())
+    data["auth"]["keys_file"] = str(keys)
+    data["http"]["proxy"] = proxy
+    if redis_url:
+        data["store"] = {"backend": "redis", "redis_url": redis_url}
+    path = tmp / "llava-serve.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 def vllm_serve_cmd(config: Path, port: int) -> tuple[list[str], dict]:
@@ -228,7 +282,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-async def measure(our_url: str, vllm_url: str, args) -> dict:
+async def measure(our_url: str, vllm_url: str, app: str, args) -> dict:
     images = workload.images()
     senders = {"llava-serve": (ours, our_url), "vllm serve": (bare_vllm, vllm_url)}
     # Same tokens in, same tokens out: otherwise the comparison would not be of the serving layers.
@@ -252,9 +306,9 @@ async def measure(our_url: str, vllm_url: str, args) -> dict:
                 samples, wall = await run_level(send, url, c, args.requests_per_round * c, args.max_new_tokens, images)
                 levels[server, c].add(samples, wall)
             print(f"  c={c} round {rnd + 1}/{args.rounds} done", flush=True)
-    polls = await status_polls_per_s(our_url, images[0], args.poll_seconds, args.poll_concurrency)
+    polls = await status_polls(our_url, app, images[0], args.poll_seconds, args.poll_concurrency)
     rows = [levels[s, c].summary() for s in senders for c in args.concurrency]
-    return {"same_tokens": same, "rows": rows, "status_polls_per_s": polls}
+    return {"same_tokens": same, "rows": rows, "status_polls": polls}
 
 
 def main() -> int:
@@ -266,21 +320,31 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--poll-seconds", type=float, default=5.0)
     p.add_argument("--poll-concurrency", type=int, default=32)
+    p.add_argument("--proxy", choices=["haproxy", "serve"], default="haproxy",
+                   help="llava-serve's http.proxy (default: production's)")
+    p.add_argument("--store", choices=["redis", "ray_actor"], default="redis",
+                   help="llava-serve's job store (default: production's, on a private redis-server)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        keys = Path(tmp) / "keys.yaml"  # the benchmark measures serving, not the per-key limits
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack_:
+        tmp = Path(tmp)
+        keys = tmp / "keys.yaml"  # the benchmark measures serving, not the per-key limits
         keys.write_text(yaml.safe_dump([{"key": KEY, "name": "bench", "rate_per_minute": 10**6,
                                           "max_concurrent": 1000}]))
+        redis_url = stack_.enter_context(stack.redis_server(tmp)) if args.store == "redis" else None
+        ours_cfg = our_config(args.config, tmp, keys, args.proxy, redis_url)
         vllm_port, our_port = stack.free_port(), stack.free_port()
         cmd, env = vllm_serve_cmd(args.config, vllm_port)
-        with open(args.out / "vllm-serve.log", "w") as vlog, open(args.out / "llava-serve.log", "w") as olog, \
-                stack.process(cmd, f"http://127.0.0.1:{vllm_port}/health", "vllm serve", env=env, log=vlog), \
-                stack.llava_serve(args.config, our_port, keys, log=olog) as our_url:
-            print("both servers ready; measuring", flush=True)
-            result = asyncio.run(measure(our_url, f"http://127.0.0.1:{vllm_port}", args))
+        vlog = stack_.enter_context(open(args.out / "vllm-serve.log", "w"))
+        olog = stack_.enter_context(open(args.out / "llava-serve.log", "w"))
+        vllm_url = f"http://127.0.0.1:{vllm_port}"
+        stack_.enter_context(stack.process(cmd, f"{vllm_url}/health", "vllm serve", env=env, log=vlog))
+        our_url = stack_.enter_context(stack.llava_serve(ours_cfg, our_port, keys, log=olog))
+        print(f"both servers ready (llava-serve: proxy {args.proxy}, store {args.store}); measuring", flush=True)
+        app = load_config(ours_cfg, env={}).app_name
+        result = asyncio.run(measure(our_url, vllm_url, app, args))
 
     rows = result["rows"]
     by = {(r["server"], r["concurrency"]): r for r in rows}
@@ -292,8 +356,11 @@ def main() -> int:
     (args.out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
     plot(rows, args.out / "bench.png")
     print(table(rows))
-    print(f"fal status polls: {result['status_polls_per_s']:.0f}/s against one ingress replica "
-          f"({args.poll_concurrency} clients on the same machine)")
+    polls = result["status_polls"]
+    print(f"fal status polls against one ingress replica: {polls['polls_per_s']:.0f}/s ({polls['client']}, "
+          f"{args.poll_concurrency} connections, same machine); the replica used "
+          f"{polls['ingress_cpu_ms_per_poll']:.2f} ms CPU per poll = {polls['polls_per_ingress_cpu_s']:.0f} "
+          "polls per second of one core")
     print(f"results: {args.out / 'bench.json'}, {args.out / 'bench.png'}")
     print(f"throughput_ratio={ratio:.3f} ttft_p50_overhead_ms={overhead:.1f}")
     return 0

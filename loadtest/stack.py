@@ -1,4 +1,5 @@
-"""A local llava-serve (`llava-serve run`) for the load test and the benchmark, started and stopped by them."""
+"""A local llava-serve (`llava-serve run`), and a private redis-server, for the load test, the benchmark and
+the tests, started and stopped by them."""
 
 from __future__ import annotations
 
@@ -62,3 +63,40 @@ def llava_serve(config: Path, port: int, keys_file: Path | None = None, log=None
     cmd = [str(Path(sys.executable).parent / "llava-serve"), "run", str(config)]
     with process(cmd, f"{url}/readyz", "llava-serve", env=env, log=log):
         yield url
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path):
+    """A private redis-server on a free port of 127.0.0.1, no persistence (never the system's own on 6379);
+    yields its URL once it answers PING, and stops it when the block ends."""
+    import shutil
+
+    import redis
+
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("redis-server is not installed (`make install` installs it)")
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        client, deadline = redis.Redis(host="127.0.0.1", port=port), time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start; see {workdir / 'redis.log'}") from None
+                time.sleep(0.05)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -15,6 +15,7 @@ from serve.ingress import Ingress
 
 ENGINE_DEPLOYMENT = "LLMServer"
 INGRESS_DEPLOYMENT = "Ingress"
+_env_before: dict[str, str | None] = {}  # what start_local changed in os.environ, for stop_local
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
@@ -30,6 +31,24 @@ def deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
         # per request, not two, and none per engine call (loadtest/README.md: measured).
         opts["logging_config"] = {"enable_access_log": False}
     return {ENGINE_DEPLOYMENT: engine, INGRESS_DEPLOYMENT: ingress}
+
+
+def ray_env(cfg: ServeConfig) -> dict[str, str]:
+    """Environment every Ray process of the cluster needs for `cfg.http.proxy`. Ray reads it when its
+    processes start, not from the Serve config: start_local sets it before Ray starts, and
+    k8s/rayservice.yaml lists it on every Ray container (tests/deploy checks they agree)."""
+    if cfg.http.proxy != "haproxy":
+        return {}
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        # Throughput mode would route replicas' stderr through Serve's logger (a stack walk per write):
+        # our JSON lines stay plain stderr lines, as with Serve's proxy.
+        "RAY_SERVE_LOG_TO_STDERR": "1",
+        # gRPC now carries the ingress's decoded image (RGB, at most max_image_pixels) to the engine;
+        # gRPC's default 4 MiB cap on a message would refuse a large one.
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(3 * cfg.media.max_image_pixels + 2**20),
+    }
 
 
 def build_app(cfg: ServeConfig) -> Application:
@@ -55,6 +74,12 @@ def start_local(cfg: ServeConfig) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env = ray_env(cfg)
+    if env:
+        # One machine: no load balancer needs Serve's 30 s notice before a replica stops taking requests.
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "0"
+    _env_before.update({name: os.environ.get(name) for name in env})
+    os.environ.update(env)  # Ray's processes inherit the driver's environment
     # address="local": always a fresh private cluster, never one RAY_ADDRESS points at.
     # One machine is every worker group: offer the custom resources the deployments are pinned with
     # (on KubeRay only the matching group's nodes advertise them), enough for any replica count.
@@ -77,3 +102,9 @@ def stop_local() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
+        for name, value in _env_before.items():  # the next start_local may run another proxy mode
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _env_before.clear()

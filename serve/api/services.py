@@ -43,7 +43,9 @@ class Services:
         await self.webhooks.aclose()
 
 
-def get_services(request: Request) -> Services:
+# Dependencies are `async def` although they never await: FastAPI runs a plain `def` one on a worker
+# thread, a thread hop per dependency per request (loadtest/README.md: status polls).
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 

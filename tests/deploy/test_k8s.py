@@ -21,7 +21,7 @@ import yaml
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from serve.app import ENGINE_DEPLOYMENT, app_builder, deployment_options
+from serve.app import ENGINE_DEPLOYMENT, app_builder, deployment_options, ray_env
 from serve.auth import KeyRing
 from serve.config import parse_config
 from tests.conftest import CONFIGS, ROOT
@@ -257,6 +257,15 @@ def test_every_ray_pod_runs_one_image_with_the_pinned_ray(objects, rayservice):
     assert len(images) == 1 and images == {job["spec"]["template"]["spec"]["containers"][0]["image"]}
     assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
     assert f"ray[serve]=={ray.__version__}" in (ROOT / "requirements-runtime.txt").read_text()
+
+
+def test_every_ray_process_gets_the_environment_of_the_configs_proxy(rayservice, prod):
+    # Ray reads these when each process starts (the Serve config cannot set them): every pod must carry
+    # them, or HAProxy on one node would route to replicas that serve no HTTP of their own.
+    assert prod.http.proxy == "haproxy" and ray_env(prod)
+    for name, group in ray_groups(rayservice).items():
+        env = {e["name"]: e.get("value") for e in container(group).get("env", [])}
+        assert {k: env.get(k) for k in ray_env(prod)} == ray_env(prod), name
 
 
 def test_prometheus_scrapes_every_ray_pod_on_its_metrics_port(objects, rayservice):

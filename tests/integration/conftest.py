@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -12,7 +13,10 @@ from ray import serve
 from serve.app import ENGINE_DEPLOYMENT, start_local, stop_local
 from serve.config import ServeConfig, parse_config
 from serve.jobs.store import JobStore, build_store
-from tests.conftest import CONFIGS, Clock, free_port
+from tests.conftest import CONFIGS, ROOT, Clock, free_port
+
+sys.path.insert(0, str(ROOT / "loadtest"))
+import stack as loadtest_stack  # noqa: E402
 
 
 RATE_KEY, RATE_LIMIT = "tests-rate-key-1", 30
@@ -46,6 +50,7 @@ def stack_config(tiny_model_dir, tmp_path_factory) -> ServeConfig:
     data["ingress"]["num_replicas"] = 2  # limits and jobs must hold across replicas
     # Pinned by a custom resource, as in production: `llava-serve run` must offer it on its one machine.
     data["ingress"]["resources"] = {"llava_ingress": 1}
+    data["http"]["proxy"] = "haproxy"  # production's ingress: every client test goes through HAProxy and gRPC
     data["jobs"] = {"lease_s": 3.0, "reap_interval_s": 0.5}  # quick crash recovery
     # The tests' own image server runs on 127.0.0.1; every other non-public address stays refused.
     data["media"]["allow_networks"] = ["127.0.0.1/32"]
@@ -95,37 +100,6 @@ def wait_for_abort(engine_stats, before: dict, timeout_s: float = 15.0) -> dict:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
-    """A private redis-server for the Redis store tests: a free port on 127.0.0.1, no persistence,
-    stopped when the session ends (never the system's own service on 6379)."""
-    import shutil
-    import subprocess
-
-    import redis
-
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is not installed (`make install` installs it)")
-    port, workdir = free_port(), tmp_path_factory.mktemp("redis")
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        client, deadline = redis.Redis(host="127.0.0.1", port=port), time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start; see {workdir / 'redis.log'}") from None
-                time.sleep(0.05)
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    """A private redis-server for the Redis store tests, stopped when the session ends."""
+    with loadtest_stack.redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url

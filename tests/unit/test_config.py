@@ -51,6 +51,10 @@ def _raw() -> dict:
         ),
         (lambda d: d["store"].update(backend="redis"), "store: Value error, redis_url is required"),
         (
+            lambda d: d["http"].update(proxy="haproxy", tls_certfile="c.pem", tls_keyfile="k.pem"),
+            "http: Value error, TLS needs proxy: serve (Ray's HAProxy ingress speaks plain HTTP)",
+        ),
+        (
             lambda d: d["engine_deployment"].update(autoscaling={"min_replicas": 3, "max_replicas": 2,
                                                                  "target_ongoing_requests": 4}),
             "engine_deployment.autoscaling: Value error, min_replicas must not exceed max_replicas",
@@ -79,3 +83,16 @@ def test_prompt_template_is_llava_v1_and_keeps_braces():
     text = cfg.model.render_prompt("What is {this}?")
     assert text.endswith("USER: <image>\nWhat is {this}? ASSISTANT:")
     assert text.startswith("A chat between a curious human and an artificial intelligence assistant.")
+
+
+def test_only_the_haproxy_ingress_changes_rays_environment():
+    from serve.app import ray_env
+
+    data = _raw()
+    assert ray_env(parse_config(data, CONFIGS, env={})) == {}  # Serve's own proxy: Ray's defaults
+    data["http"]["proxy"] = "haproxy"
+    data["media"]["max_image_pixels"] = 1_000_000
+    env = ray_env(parse_config(data, CONFIGS, env={}))
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    # gRPC between the deployments must take the largest decoded image the ingress lets through.
+    assert int(env["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]) > 3 * 1_000_000

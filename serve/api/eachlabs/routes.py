@@ -22,7 +22,7 @@ RUN_POLL_S = 0.1
 router = APIRouter(route_class=shaped_errors(to_eachlabs_error))  # failures answer {"error": ...}
 
 
-def each_caller(request: Request, services: Services = Depends(get_services)) -> Caller:
+async def each_caller(request: Request, services: Services = Depends(get_services)) -> Caller:
     # X-API-Key (any case: HTTP header names are case-insensitive) or Authorization: Bearer.
     key = request.headers.get("x-api-key", "").strip()
     scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")

@@ -48,7 +48,7 @@ _CANCEL = {
 }
 
 
-def fal_caller(request: Request, services: Services = Depends(get_services)) -> Caller:
+async def fal_caller(request: Request, services: Services = Depends(get_services)) -> Caller:
     header = request.headers.get("authorization", "")
     if not header.strip():
         raise flat_error(401, "Authentication is required")
