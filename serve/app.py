@@ -15,7 +15,6 @@ from serve.ingress import Ingress
 
 ENGINE_DEPLOYMENT = "LLMServer"
 INGRESS_DEPLOYMENT = "Ingress"
-_env_before: dict[str, str | None] = {}  # what start_local changed in os.environ, for stop_local
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
@@ -35,8 +34,9 @@ def deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
 
 def ray_env(cfg: ServeConfig) -> dict[str, str]:
     """Environment every Ray process of the cluster needs for `cfg.http.proxy`. Ray reads it when its
-    processes start, not from the Serve config: start_local sets it before Ray starts, and
-    k8s/rayservice.yaml lists it on every Ray container (tests/deploy checks they agree)."""
+    processes start, not from the Serve config: start_local gives it to the local cluster's processes as
+    the job's environment, and k8s/rayservice.yaml lists it on every Ray container (tests/deploy checks
+    they agree)."""
     if cfg.http.proxy != "haproxy":
         return {}
     return {
@@ -78,8 +78,6 @@ def start_local(cfg: ServeConfig) -> None:
     if env:
         # One machine: no load balancer needs Serve's 30 s notice before a replica stops taking requests.
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "0"
-    _env_before.update({name: os.environ.get(name) for name in env})
-    os.environ.update(env)  # Ray's processes inherit the driver's environment
     # address="local": always a fresh private cluster, never one RAY_ADDRESS points at.
     # One machine is every worker group: offer the custom resources the deployments are pinned with
     # (on KubeRay only the matching group's nodes advertise them), enough for any replica count.
@@ -87,6 +85,9 @@ def start_local(cfg: ServeConfig) -> None:
     ray.init(
         address="local", include_dashboard=False, _node_ip_address="127.0.0.1", resources=custom,
         _system_config={"metrics_report_interval_ms": int(1000 * cfg.telemetry.metrics_report_interval_s)},
+        # The job's environment reaches every actor of this cluster (Serve's controller, the proxies and
+        # replicas it starts) and nothing outside it: a later cluster in this process starts clean.
+        runtime_env={"env_vars": env} if env else None,
     )
     http = {"host": cfg.http.host, "port": cfg.http.port}
     if cfg.http.tls_certfile is not None:
@@ -102,9 +103,3 @@ def stop_local() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
-        for name, value in _env_before.items():  # the next start_local may run another proxy mode
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        _env_before.clear()
