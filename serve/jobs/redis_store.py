@@ -140,12 +140,24 @@ local function visible(id, owner, now)
 end
 
 -- A job as the client rebuilds it: its hash, its log lines, its queue position (false unless queued).
-local function job_reply(id)
+-- brief: without 'result', and with 'head' (the body less the input) for 'body' where the job has one.
+local function job_reply(id, brief)
   local position = false
   if redis.call('HGET', key('job', id), 'status') == 'queued' then
     position = redis.call('ZRANK', key('queue'), id)
   end
-  return {redis.call('HGETALL', key('job', id)), redis.call('LRANGE', key('logs', id), 0, -1), position}
+  local flat = redis.call('HGETALL', key('job', id))
+  if brief then
+    local drop, kept = {result = true, body = redis.call('HEXISTS', key('job', id), 'head') == 1}, {}
+    for i = 1, #flat, 2 do
+      if not drop[flat[i]] then
+        kept[#kept + 1] = flat[i]
+        kept[#kept + 1] = flat[i + 1]
+      end
+    end
+    flat = kept
+  end
+  return {flat, redis.call('LRANGE', key('logs', id), 0, -1), position}
 end
 
 local function running_by(id, runner)
@@ -238,11 +250,11 @@ if d.allowed then
 end
 return fields(d)
 """,
-    # id, owner, now
+    # id, owner, now, brief ('1' or '')
     "get": """
 local id, owner, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
 if not visible(id, owner, now) then return false end
-return job_reply(id)
+return job_reply(id, ARGV[5] == '1')
 """,
     # runner, lease_s, now, ttl, start-timeout error JSON: the first queued job whose owner is below
     # its cap, now running; queued jobs past their start deadline are failed first, never claimed.
@@ -371,7 +383,10 @@ return {redis.call('ZCARD', key('queue')), redis.call('ZCARD', key('running'))}
 
 def _job_fields(job: Job) -> list[str]:
     """A job's hash as field, value, ...: strings stay raw, other values are JSON, None is no field."""
-    flat = ["body", job.model_dump_json(exclude=_FIELDS | {"logs", "queue_position"})]
+    # 'head' is the body less the input (a data: URI can be megabytes): what a brief read decodes.
+    # 'body' keeps the input too, so code from before 'head' reads these jobs unchanged.
+    flat = ["body", job.model_dump_json(exclude=_FIELDS | {"logs", "queue_position"}),
+            "head", job.model_dump_json(exclude=_FIELDS | {"logs", "queue_position", "input"})]
     for name, value in job.model_dump(mode="json", include=_FIELDS).items():
         if value is not None:
             flat += [name, value if isinstance(value, str) else json.dumps(value)]
@@ -384,7 +399,8 @@ def _job(reply: list[Any] | None) -> Job | None:
     flat, logs, position = reply
     record = dict(zip(flat[::2], flat[1::2]))
     del record["seq"]
-    data = json.loads(record.pop("body"))
+    head, body = record.pop("head", None), record.pop("body", None)
+    data = json.loads(body) if body is not None else {**json.loads(head), "input": {}}  # no body: a brief read
     for name in ("result", "error"):
         if name in record:
             record[name] = json.loads(record[name])
@@ -458,8 +474,8 @@ class RedisBackend:
         return _admission(await self._run("enqueue", job.owner, limits.rate_per_minute, limits.max_concurrent,
                                           int(cap_pending), now, job.id, logs, timeout, *_job_fields(accepted)))
 
-    async def _get(self, job_id: str, owner: str, now: float) -> Job | None:
-        return _job(await self._run("get", job_id, owner, now))
+    async def _get(self, job_id: str, owner: str, now: float, brief: bool = False) -> Job | None:
+        return _job(await self._run("get", job_id, owner, now, "1" if brief else ""))
 
     async def _claim(self, runner: str, lease_s: float, now: float) -> Job | None:
         return _job(await self._run("claim", runner, lease_s, now, self._ttl, _START_TIMEOUT))

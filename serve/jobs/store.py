@@ -114,16 +114,17 @@ class MemoryStore:
             decision.queue_position = len(self._queue) - 1
         return decision
 
-    def get(self, job_id: str, owner: str, now: float) -> Job | None:
+    def get(self, job_id: str, owner: str, now: float, brief: bool = False) -> Job | None:
         job = self._jobs.get(job_id)
         if job is None or job.owner != owner:
             return None  # another key's job is indistinguishable from no job
         if job.expires_at is not None and job.expires_at <= now:
             del self._jobs[job_id]
             return None
+        update: dict = {"input": {}, "result": None} if brief else {}
         if job.status == JobStatus.QUEUED:
-            return job.model_copy(update={"queue_position": list(self._queue).index(job_id)})
-        return job.model_copy()
+            update["queue_position"] = list(self._queue).index(job_id)
+        return job.model_copy(update=update)
 
     def claim(self, runner: str, lease_s: float, now: float) -> Job | None:
         """The first queued job whose owner is below its concurrency cap, now running on `runner`.
@@ -307,8 +308,10 @@ class JobStore:
     async def enqueue(self, job: Job, limits: Limits, *, cap_pending: bool) -> Admission:
         return await self._backend.call("enqueue", job, limits, cap_pending, self._clock())
 
-    async def get(self, job_id: str, owner: str) -> Job | None:
-        return await self._backend.call("get", job_id, owner, self._clock())
+    async def get(self, job_id: str, owner: str, *, brief: bool = False) -> Job | None:
+        """The job, or None for an unknown id or another key's job. brief: without the two fields that
+        grow with the request and the answer (`input` comes back {}, `result` None), for status polls."""
+        return await self._backend.call("get", job_id, owner, self._clock(), brief)
 
     async def claim(self, runner: str, lease_s: float) -> Job | None:
         return await self._backend.call("claim", runner, lease_s, self._clock())

@@ -127,7 +127,7 @@ def random_call(rng: random.Random, now: float, slots: list[tuple[str, str]], jo
         error = JobError(kind=kind, message="m", detail={"n": None}) if kind not in ("ok", None) else None
         return op, (job_id, runner, result if kind == "ok" else None, error, now)
     return {  # renew / release before any admit: a reap instead
-        "get": ("get", (job_id, owner, now)), "cancel": ("cancel", (job_id, owner, now)),
+        "get": ("get", (job_id, owner, now, rng.random() < 0.5)), "cancel": ("cancel", (job_id, owner, now)),
         "claim": ("claim", (runner, lease, now)), "heartbeat": ("heartbeat", (job_id, runner, lease, now)),
         "log": ("log", (job_id, runner, f"line at {now}", now)),
     }.get(op, ("reap", (now,)))
@@ -151,6 +151,23 @@ async def test_redis_answers_exactly_as_memory_store(redis_url, seed):
             assert await backend.call(op, *args) == expected, (step, op, args)
     finally:
         await backend.aclose()
+
+
+async def test_a_job_stored_by_earlier_code_still_reads_brief(redis_url):
+    """Jobs enqueued before the 'head' field (a rolling upgrade shares Redis) read whole, never fail."""
+    import redis.asyncio as aioredis
+
+    prefix = f"test-{uuid.uuid4().hex}"
+    store = JobStore(RedisBackend(redis_url, 3600.0, max_attempts=2, prefix=prefix))
+    old = Job(id="j1", owner="alice", api="fal", input={"prompt": "hi"}, max_concurrent=1, created_at=0.0)
+    await store.enqueue(old, Limits(rate_per_minute=5, max_concurrent=1), cap_pending=False)
+    client = aioredis.from_url(redis_url)
+    try:
+        assert await client.hdel(f"{prefix}:job:j1", "head") == 1
+        brief = await store.get("j1", "alice", brief=True)
+        assert brief.input == {"prompt": "hi"} and brief.status == JobStatus.QUEUED and brief.queue_position == 0
+    finally:
+        await client.aclose()
 
 
 def test_the_production_config_builds_a_redis_store(redis_url, tmp_path):

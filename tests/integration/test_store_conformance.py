@@ -185,6 +185,22 @@ def test_finish_logs_and_ownership(store, clock):
     assert run(store.get("no-such-id", "alice")) is None
 
 
+def test_a_brief_read_is_the_job_less_its_input_and_result(store, clock):
+    big = job().model_copy(update={"input": {"prompt": "hi", "image_url": "data:image/png;base64," + "A" * 200_000}})
+    run(store.enqueue(big, L, cap_pending=False))
+    queued = run(store.get(big.id, "alice", brief=True))
+    assert queued.input == {} and queued.status == JobStatus.QUEUED and queued.queue_position == 0
+    run(store.claim("r1", LEASE))
+    run(store.log(big.id, "r1", "Image fetched"))
+    clock.advance(2)
+    run(store.finish(big.id, "r1", result=RESULT))
+    full, brief = run(store.get(big.id, "alice")), run(store.get(big.id, "alice", brief=True))
+    assert full.input == big.input and full.result == RESULT  # the full read is untouched
+    assert brief.input == {} and brief.result is None
+    assert brief == full.model_copy(update={"input": {}, "result": None})  # everything else is the same
+    assert run(store.get(big.id, "mallory", brief=True)) is None
+
+
 def test_failures_keep_their_error(store):
     j = job()
     run(store.enqueue(j, L, cap_pending=False))

@@ -202,9 +202,11 @@ async def _submit(request: Request, caller: Caller, services: Services) -> Respo
     return JSONResponse(body, headers=rate_limit_headers(admission))
 
 
-async def _job(request_id: str, request: Request, caller: Caller, services: Services) -> Job:
+async def _job(
+    request_id: str, request: Request, caller: Caller, services: Services, *, brief: bool = False
+) -> Job:
     request.state.request_id = request_id  # the id on the response is the job's
-    job = await services.store.get(request_id, caller.name)  # reads never count against limits
+    job = await services.store.get(request_id, caller.name, brief=brief)  # reads never count against limits
     if job is None:
         raise flat_error(404, "Request not found")
     return job
@@ -218,7 +220,8 @@ def _logs_flag(request: Request) -> bool:
 async def status(
     request_id: str, request: Request, caller: Caller = Depends(fal_caller), services: Services = Depends(get_services)
 ) -> Response:
-    job = await _job(request_id, request, caller, services)
+    # Brief: a poll needs neither the input nor the result, and a data: URI input can be megabytes.
+    job = await _job(request_id, request, caller, services, brief=True)
     body = status_body(job, _queue_root(request, services), with_logs=_logs_flag(request))
     return JSONResponse(body, status_code=200 if job.status.terminal else 202)
 
@@ -228,7 +231,7 @@ async def status_stream(
     request_id: str, request: Request, caller: Caller = Depends(fal_caller), services: Services = Depends(get_services)
 ) -> Response:
     """SSE of status objects on every change, each with only the new log lines; ends with COMPLETED."""
-    job = await _job(request_id, request, caller, services)
+    job = await _job(request_id, request, caller, services, brief=True)
     root, with_logs = _queue_root(request, services), _logs_flag(request)
     poll_s = services.config.fal.status_stream_poll_s
 
@@ -243,7 +246,7 @@ async def status_stream(
             if current.status.terminal:
                 return
             await asyncio.sleep(poll_s)
-            current = await services.store.get(request_id, caller.name)
+            current = await services.store.get(request_id, caller.name, brief=True)
 
     return EventStream(events())
 
