@@ -93,6 +93,7 @@ class VLLMEngine:
         prompt = {"prompt": request.prompt, "multi_modal_data": {"image": request.image}}
         num_input = num_output = 0
         outcome = "aborted"  # unless the stream finishes or fails below
+        cut_short = False
         self._stats.running += 1
         self._stats.peak_running = max(self._stats.peak_running, self._stats.running)
         try:
@@ -106,6 +107,9 @@ class VLLMEngine:
                 if choice.text or new_tokens:
                     yield TextDelta(text=choice.text, num_tokens=new_tokens)
                 if out.finished:
+                    if choice.finish_reason == "abort":  # aborted from outside this call: no answer
+                        cut_short = True
+                        break
                     outcome = "finished"
                     yield Completion(num_input, num_output, choice.finish_reason or "stop")
         except VLLMClientError as exc:
@@ -120,6 +124,9 @@ class VLLMEngine:
         finally:
             self._stats.running -= 1
             setattr(self._stats, outcome, getattr(self._stats, outcome) + 1)
+        if cut_short:
+            # A truncated answer must never pass for a complete one.
+            raise EngineUnavailable("the engine aborted the request before it finished")
 
     async def check_health(self) -> None:
         from vllm.v1.engine.exceptions import EngineDeadError

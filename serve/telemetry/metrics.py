@@ -87,8 +87,10 @@ class Metrics:
     def generated(self, api: str, key: str, input_tokens: int, output_tokens: int) -> None:
         tags = {"api": api, "key": key}
         self.generations.inc(tags=tags)
-        self.input_tokens.inc(input_tokens, tags=tags)
-        self.output_tokens.inc(output_tokens, tags=tags)
+        # Ray's counters refuse an increment of 0 (ValueError), and an answer may have no tokens.
+        for counter, count in ((self.input_tokens, input_tokens), (self.output_tokens, output_tokens)):
+            if count:
+                counter.inc(count, tags=tags)
 
     def rate_limited(self, api: str, key: str, reason: str) -> None:
         self.refused.inc(tags={"api": api, "key": key, "reason": reason})

@@ -82,3 +82,9 @@ def test_json_formatter_writes_one_object_per_line():
 def test_metrics_without_ray_is_a_clear_503(client):
     resp = client.get("/metrics")
     assert resp.status_code == 503 and "Ray" in resp.json()["detail"]
+
+
+def test_an_answer_without_output_tokens_is_counted():
+    from serve.telemetry.metrics import metrics
+
+    metrics().generated("fal", "tests", 600, 0)  # Ray's counters raise on an increment of 0: never a 500
