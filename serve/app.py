@@ -45,9 +45,6 @@ def ray_env(cfg: ServeConfig) -> dict[str, str]:
         # Throughput mode would route replicas' stderr through Serve's logger (a stack walk per write):
         # our JSON lines stay plain stderr lines, as with Serve's proxy.
         "RAY_SERVE_LOG_TO_STDERR": "1",
-        # gRPC now carries the ingress's decoded image (RGB, at most max_image_pixels) to the engine;
-        # gRPC's default 4 MiB cap on a message would refuse a large one.
-        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(3 * cfg.media.max_image_pixels + 2**20),
     }
 
 

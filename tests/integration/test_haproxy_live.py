@@ -1,0 +1,74 @@
+"""Production's ingress (`http.proxy: haproxy`): Ray's HAProxy and Serve's throughput mode, through
+`llava-serve run` on its own local Ray (the rest of the suite's stack runs Serve's own proxy).
+
+fal's Python client runs a queue job (submit, status polls, result) and a sync run through HAProxy, with
+a wide image: its decoded pixels, more than gRPC's default 4 MiB message, travel to the engine by gRPC.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import fal_client
+import fal_client.client as fal_module
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from serve.config import parse_config
+from serve.engine.tiny_model import IMAGE_SEQ_LENGTH
+from tests.conftest import CONFIGS, LOCAL_KEY, ROOT, free_port
+
+sys.path.insert(0, str(ROOT / "loadtest"))
+import stack as loadtest_stack  # noqa: E402
+
+APP = "fal-ai/llavav15-13b"
+
+
+@pytest.fixture(scope="module")
+def haproxy_stack(tiny_model_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("haproxy")
+    data = yaml.safe_load((CONFIGS / "local-cpu.yaml").read_text())
+    data["model"]["source"] = str(tiny_model_dir)
+    data["http"]["proxy"] = "haproxy"
+    config = work / "haproxy.yaml"
+    config.write_text(yaml.safe_dump(data))
+    assert parse_config(data, CONFIGS, env={}).http.proxy == "haproxy"
+    with open(work / "server.log", "w") as log, \
+            loadtest_stack.llava_serve(config, free_port(), CONFIGS / "keys.local.yaml", log=log) as url:
+        yield url
+
+
+@pytest.fixture
+def fal(haproxy_stack, monkeypatch):
+    monkeypatch.setattr(fal_module, "RUN_URL_FORMAT", f"{haproxy_stack}/")
+    monkeypatch.setattr(fal_module, "QUEUE_URL_FORMAT", f"{haproxy_stack}/queue/")
+    return fal_client.SyncClient(key=LOCAL_KEY)
+
+
+def panorama() -> str:
+    # 8000x1000 decodes, after the bounded downscale, to 5376x672 RGB: 10.8 MB of pixels cross to the
+    # engine. A gradient keeps the JPEG small.
+    img = Image.linear_gradient("L").resize((8000, 1000)).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return fal_client.encode(buf.getvalue(), "image/jpeg")
+
+
+def test_a_queue_job_and_a_sync_run_through_haproxy(fal, haproxy_stack):
+    args = {"prompt": "What is in this picture?", "image_url": panorama(), "max_new_tokens": 8}
+    updates = []
+    out = fal.subscribe(APP, arguments=args, with_logs=True, on_queue_update=updates.append)
+    assert out["partial"] is False and out["stats"]["num_output_tokens"] == 8
+    assert out["stats"]["num_input_tokens"] > IMAGE_SEQ_LENGTH
+    assert any(isinstance(u, fal_client.Completed) for u in updates)  # status polls answered through HAProxy
+    ran = fal.run(APP, arguments=args)
+    assert ran["stats"] == out["stats"]
+
+
+def test_bad_input_keeps_the_apis_shape_through_haproxy(haproxy_stack):
+    r = requests.post(f"{haproxy_stack}/{APP}", json={"prompt": "hi", "image_url": "data:image/png;base64,AAAA"},
+                      headers={"Authorization": f"Key {LOCAL_KEY}"}, timeout=60)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "image_url"]
