@@ -58,7 +58,7 @@ $(STAMP): requirements.txt requirements-cpu.txt requirements-runtime.txt constra
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.txt -c constraints.txt
-	@# CUDA-only builds that break `import vllm` next to the CPU torch (SETUP-NOTES trap 1).
+	@# CUDA-only builds that break `import vllm` next to the CPU torch (docs/development.md, trap 1).
 	$(PIP) uninstall -q -y torchaudio torchcodec
 	$(PY) tools/fixup_venv.py
 	@# --no-deps: never let pip re-resolve the vLLM stack (it would bring torchaudio back).
@@ -95,6 +95,12 @@ lock:
 # Re-lock the GPU image's set (docker/constraints-gpu.txt) after changing a pin; resolves without installing.
 lock-gpu: install
 	$(PY) tools/lock_gpu.py
+
+# pyproject's dependencies resolve with pip alone: `pip install .` and `.[gpu]` (dry runs against PyPI,
+# ~1 min) and the GPU lock is a set `.[gpu]` allows. The offline half is tests/unit/test_packaging.py.
+.PHONY: check-deps
+check-deps: install
+	$(PY) tools/check_deps.py
 
 clean:
 	rm -rf $(VENV) $(LINT) .cache .pytest_cache

@@ -10,7 +10,7 @@ from ray import serve
 from ray.serve import Application
 
 from serve.config import ServeConfig, parse_config
-from serve.engine.server import LLMServer
+from serve.engine.server import EngineFactory, LLMServer, vllm_engine
 from serve.ingress import Ingress
 
 ENGINE_DEPLOYMENT = "LLMServer"
@@ -48,12 +48,18 @@ def ray_env(cfg: ServeConfig) -> dict[str, str]:
     }
 
 
-def build_app(cfg: ServeConfig) -> Application:
+def engine_app(cfg: ServeConfig, engine_factory: EngineFactory = vllm_engine) -> Application:
+    """The engine deployment, bound. `engine_factory` makes each replica's engine: vLLM, or a fake one
+    in tests of the Serve path (docs/architecture.md, "Engine")."""
+    engine = serve.deployment(LLMServer, name=ENGINE_DEPLOYMENT).options(**deployment_options(cfg)[ENGINE_DEPLOYMENT])
+    return engine.bind(cfg, engine_factory)
+
+
+def build_app(cfg: ServeConfig, engine_factory: EngineFactory = vllm_engine) -> Application:
     """Bind the deployments; nothing starts until the application is run."""
     opts = deployment_options(cfg)
-    engine = serve.deployment(LLMServer, name=ENGINE_DEPLOYMENT).options(**opts[ENGINE_DEPLOYMENT])
     ingress = serve.deployment(serve.ingress()(Ingress), name=INGRESS_DEPLOYMENT).options(**opts[INGRESS_DEPLOYMENT])
-    return ingress.bind(cfg, engine.bind(cfg))
+    return ingress.bind(cfg, engine_app(cfg, engine_factory))
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -10,17 +10,18 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
-from serve.api.eachlabs.jobs import EachlabsExecutor
+from serve.api.context import RequestContextMiddleware
 from serve.api.eachlabs.routes import router as eachlabs_router
+from serve.api.eachlabs.serving import EachlabsExecutor
 from serve.api.fal.dispatch import FalDispatch
-from serve.api.fal.jobs import FalExecutor
 from serve.api.fal.routes import router as fal_router
+from serve.api.fal.serving import FalExecutor
 from serve.api.services import Services
 from serve.config import ServeConfig
 from serve.engine.server import HandleEngine
+from serve.jobs.factory import build_store
 from serve.jobs.runner import JobRunner, drain_budget_s
-from serve.jobs.store import build_store
-from serve.telemetry.access import Telemetry, configure_logging
+from serve.telemetry.access import configure_logging
 from serve.telemetry.metrics import node_metrics
 
 
@@ -66,9 +67,9 @@ def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
 
     app.include_router(fal_router)
     app.include_router(eachlabs_router)
-    app.add_middleware(Telemetry)  # innermost: it sees the rewritten fal path and the matched route
+    # Middleware added last runs first: context (outermost), CORS, then fal's dispatch (innermost).
     app.add_middleware(FalDispatch)
-    # Browsers only (api-spec §1.4); added last, so it answers preflights before any dispatch.
+    # Browsers only (docs/api.md §1.4): it answers preflights before any dispatch.
     app.add_middleware(
         CORSMiddleware,
         allow_origins=["*"],
@@ -77,6 +78,7 @@ def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
         expose_headers=["x-fal-request-id", "retry-after", "x-ratelimit-limit", "x-ratelimit-remaining",
                         "x-ratelimit-reset", "ratelimit", "ratelimit-policy"],
     )
+    app.add_middleware(RequestContextMiddleware)  # every request's id, API, operation and key (telemetry)
     return app
 
 

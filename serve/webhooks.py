@@ -13,9 +13,8 @@ from typing import Any, Awaitable, Callable
 import httpx
 
 from serve.config import MediaConfig, WebhooksConfig
-from serve.media.errors import MediaError
-from serve.media.fetch import pinned_client, send_pinned, url_problem
-from serve.media.netguard import AddressGuard, Resolver, system_resolver
+from serve.net.guard import AddressGuard, AddressRefused, Resolver, system_resolver
+from serve.net.pinned import pinned_client, send_pinned, url_problem
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class WebhookSender:
                 if 200 <= resp.status_code < 300:
                     return True
                 log.info("webhook %s answered %d (attempt %d)", url, resp.status_code, attempt)
-            except MediaError as exc:  # refused by the SSRF guard, or unresolvable: retrying will not help
+            except AddressRefused as exc:  # refused by the SSRF guard, or unresolvable: retrying will not help
                 log.warning("webhook %s not sent: %s", url, exc)
                 return False
             except httpx.HTTPError as exc:

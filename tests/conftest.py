@@ -1,4 +1,4 @@
-"""Shared test set-up. Tests are marked by folder: tests/integration/* need the live stack."""
+"""Shared test set-up. Tests are marked by folder (TEST_KINDS): tests/integration/* need the live stack."""
 
 from __future__ import annotations
 
@@ -22,10 +22,52 @@ LOCAL_KEY = "local-test-key"  # from configs/keys.local.yaml
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def pytest_collection_modifyitems(items):
+# Every test carries its folder's marker (tests/<kind>/test_*.py), so `pytest -m unit`, `-m "not integration"`
+# and the like select by kind. No folder of tests falls out of the run silently: a test file in a folder of
+# no known kind stops the collection, and so does, on a plain `pytest`, a folder of tests that `testpaths`
+# lacks. A new kind goes here, into pyproject's `markers` and into its `testpaths`
+# (tests/unit/test_markers.py checks the three agree with the folders).
+TEST_KINDS = ("unit", "deploy", "integration", "tls", "faults", "image", "multinode", "gpu", "hostile")
+TESTS = Path(__file__).resolve().parent
+
+
+def is_test_file(name: str) -> bool:  # pytest's default python_files
+    return name.endswith(".py") and (name.startswith("test_") or name.endswith("_test.py"))
+
+
+def folders_with_tests() -> set[str]:
+    """The folders under tests/ that hold a test file at any depth, as `tests/<folder>`."""
+    found = set()
+    for top in (d for d in TESTS.iterdir() if d.is_dir()):
+        for _, dirs, files in os.walk(top):
+            dirs[:] = [d for d in dirs if d not in ("node_modules", "__pycache__")]
+            if any(is_test_file(f) for f in files):
+                found.add(f"tests/{top.name}")
+                break
+    return found
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these markers
+def pytest_collection_modifyitems(config, items):
+    problems = set()
+    if config.args_source == pytest.Config.ArgsSource.TESTPATHS:
+        problems |= {f"{f} is not in testpaths" for f in folders_with_tests() - set(config.getini("testpaths"))}
+        problems |= {f"tests/{f.name} is not in a folder" for f in TESTS.iterdir() if f.is_file() and is_test_file(f.name)}
     for item in items:
-        if "integration" in item.path.parts:
-            item.add_marker(pytest.mark.integration)
+        try:
+            parts = Path(item.path).resolve().relative_to(TESTS).parts
+        except ValueError:
+            continue  # not under tests/
+        kind = parts[0] if len(parts) > 1 else None
+        if kind in TEST_KINDS:
+            item.add_marker(getattr(pytest.mark, kind))
+        else:
+            problems.add(f"tests/{parts[0]} is a folder of no known kind" if kind else f"tests/{parts[0]} is not in a folder")
+    if problems:
+        raise pytest.UsageError(
+            f"{'; '.join(sorted(problems))}. A test lives in tests/<kind>/, kind one of {', '.join(TEST_KINDS)}; "
+            "a new kind goes into TEST_KINDS (tests/conftest.py), pyproject's markers and testpaths."
+        )
 
 
 @pytest.fixture(scope="session")

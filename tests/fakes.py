@@ -51,10 +51,26 @@ def make_services(engine, keys_file=None, backend=None):
     """The ingress' services on the embedded default config, with an in-process store by default."""
     from serve.api.services import Services
     from serve.config import load_config
-    from serve.jobs.store import JobStore, LocalBackend, MemoryStore
+    from serve.jobs.memory import MemoryStore
+    from serve.jobs.store import JobStore
     from tests.conftest import CONFIGS
 
     env = {"LLAVA_SERVE_KEYS_FILE": str(keys_file)} if keys_file else {}
     cfg = load_config(CONFIGS / "local-cpu.yaml", env=env)
-    store = JobStore(backend or LocalBackend(MemoryStore(cfg.store.result_ttl_s, cfg.jobs.max_attempts)))
+    store = JobStore(backend or MemoryStore(cfg.store.result_ttl_s, cfg.jobs.max_attempts))
     return Services.build(cfg, engine, store)
+
+
+class ServedFakeEngine(SlowEngine):
+    """What the engine deployment runs (a `ServedEngine`): the slow fake, with counters and shutdown."""
+
+    def stats(self) -> dict[str, int]:
+        return {"requests": len(self.requests), "cancelled": self.cancelled}
+
+    def shutdown(self) -> None:
+        pass
+
+
+def served_fake_engine(cfg) -> ServedFakeEngine:
+    """An `EngineFactory` for `serve.app.engine_app` / `build_app`: the fake in place of vLLM."""
+    return ServedFakeEngine(delay=0.02)

@@ -1,4 +1,4 @@
-"""Make the CPU vLLM stack importable after pip has installed it (SETUP-NOTES trap 1).
+"""Make the CPU vLLM stack importable after pip has installed it (docs/development.md, trap 1).
 
 PyPI's torchvision is a CUDA build whose native ops cannot load beside the CPU torch.
 Its import dies on two unguarded `register_fake("torchvision::nms"/"qnms")` decorators;

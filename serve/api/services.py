@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
-from fastapi import HTTPException, Request, Response
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+from fastapi import Request
 
 from serve.auth import KeyRing
 from serve.config import ServeConfig
@@ -47,36 +43,3 @@ class Services:
 # thread, a thread hop per dependency per request (loadtest/README.md: status polls).
 async def get_services(request: Request) -> Services:
     return request.app.state.services
-
-
-class ApiError(Exception):
-    """An error already in the wire shape of the API it came through."""
-
-    def __init__(self, status_code: int, body: dict, headers: dict[str, str] | None = None):
-        super().__init__(f"{status_code}: {body}")
-        self.status_code = status_code
-        self.body = body
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body, status_code=self.status_code, headers=self.headers)
-
-
-def shaped_errors(to_error: Callable[[Exception], ApiError]) -> type[APIRoute]:
-    """A route class whose every failure answers in one API's error shape (`to_error` maps it)."""
-
-    class ShapedRoute(APIRoute):
-        def get_route_handler(self) -> Callable:
-            handler = super().get_route_handler()
-
-            async def route(request: Request) -> Response:
-                try:
-                    return await handler(request)
-                except HTTPException:
-                    raise  # FastAPI's own (none of ours raise it): its handlers answer
-                except Exception as exc:
-                    return to_error(exc).response()
-
-            return route
-
-    return ShapedRoute

@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from serve.config import ServeConfig
-from serve.engine.types import EngineUnavailable, GenerationRequest, StreamItem, coalesce
-from serve.engine.vllm_engine import VLLMEngine
+from serve.engine.types import EngineUnavailable, GenerationRequest, ServedEngine, StreamItem, coalesce
+
+EngineFactory = Callable[[ServeConfig], ServedEngine]
+
+
+def vllm_engine(cfg: ServeConfig) -> ServedEngine:
+    """The production engine: vLLM, with its metrics (vllm:*) through Ray's metrics export like ours
+    (under Ray, vLLM's own Prometheus registry lives in the replica process and nothing scrapes it)."""
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    from serve.engine.vllm_engine import VLLMEngine
+
+    return VLLMEngine(cfg, stat_loggers=[RayPrometheusStatLogger])
 
 
 class LLMServer:
-    """One vLLM engine per replica (one GPU in production). Applied as a deployment by `serve.app`."""
+    """One engine per replica (one GPU in production). Applied as a deployment by `serve.app`, with
+    vLLM by default; tests pass another factory to run the real Serve path on a fake engine."""
 
-    def __init__(self, cfg: ServeConfig):
-        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
-
-        # vLLM's metrics (vllm:*) through Ray's metrics export, like ours: under Ray, vLLM's own
-        # Prometheus registry lives in the replica process and nothing would ever scrape it.
-        self._engine = VLLMEngine(cfg, stat_loggers=[RayPrometheusStatLogger])
+    def __init__(self, cfg: ServeConfig, engine_factory: EngineFactory = vllm_engine):
+        self._engine = engine_factory(cfg)
         self._stream_interval_s = cfg.engine.stream_interval_s
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:

@@ -62,6 +62,15 @@ class Engine(Protocol):
     async def check_health(self) -> None: ...
 
 
+class ServedEngine(Engine, Protocol):
+    """What the engine deployment (serve.engine.server.LLMServer) runs: an Engine it can also ask for
+    its counters and shut down."""
+
+    def stats(self) -> dict[str, int]: ...
+
+    def shutdown(self) -> None: ...
+
+
 async def collect(stream: AsyncIterator[StreamItem]) -> tuple[list[str], Completion]:
     """Drain a stream into its text chunks (joined, the answer) and the final counts."""
     parts: list[str] = []

@@ -48,24 +48,71 @@ class JobResult(BaseModel):
         return "".join(self.chunks)
 
 
+class Admission(BaseModel):
+    """A limit decision; on refusal nothing was recorded (a refused request consumes no quota)."""
+
+    allowed: bool
+    reason: str | None = Field(None, description="rate | concurrency, when refused")
+    limit: int = Field(description="The key's rate limit per window.")
+    max_concurrent: int = Field(description="The key's concurrency cap.")
+    remaining: int = Field(description="Requests left in the current window.")
+    reset_s: float = Field(description="Seconds until the oldest admission leaves the window.")
+    retry_after_s: float = Field(0.0, description="Seconds until a retry can succeed (refusals).")
+    slot: str | None = Field(None, description="The concurrency slot taken (sync requests).")
+    queue_position: int | None = Field(None, description="Position of an enqueued job.")
+
+    @property
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self.retry_after_s))
+
+
+class FailureKind(str, Enum):
+    """Every way a request or job can fail. `serve.jobs.failures.classify` is the one place that turns an
+    exception into one; each API has one table from kind to its wire answer (docs/architecture.md)."""
+
+    VALIDATION = "validation"  # the input does not match the API's schema
+    IMAGE_DOWNLOAD = "image_download"  # the image URL could not be fetched
+    IMAGE_LOAD = "image_load"  # the bytes are not a usable image, or the reference is malformed
+    INPUT = "input"  # the engine refused the request as sent (e.g. the prompt does not fit the context)
+    LIMITED = "limited"  # refused by a per-key limit (rate or concurrency); never stored
+    START_TIMEOUT = "start_timeout"  # did not start before the caller's start deadline
+    CANCELLED = "cancelled"  # cancelled by its owner
+    UNAVAILABLE = "unavailable"  # no engine replica could serve it
+    STORE_UNAVAILABLE = "store_unavailable"  # the job store could not be reached
+    WORKER_LOST = "worker_lost"  # its runner stopped renewing its lease too many times
+    INTERNAL = "internal"  # a bug: logged with its traceback, answered without internals
+
+
+class Problem(BaseModel):
+    """One field's validation problem (pydantic's error, JSON-safe; `loc` within the API's input)."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+    input: Any = None
+    ctx: dict[str, Any] | None = None
+
+
 class JobError(BaseModel):
+    """Why a request or job failed, as stored with a job and rendered by each API's table."""
+
     model_config = ConfigDict(frozen=True)  # shared constants (CANCELLED) must not be mutated
 
-    kind: str = Field(description="validation | image_download | image_load | input | unavailable | "
-                      "worker_lost | cancelled | start_timeout | internal")
-    message: str
-    detail: Any = Field(None, description="API-specific detail to replay (e.g. fal's 422 detail list).")
+    kind: FailureKind
+    message: str = Field(description="Safe to show the caller: says what was wrong, never internals.")
+    problems: list[Problem] = Field(default_factory=list, description="validation: each field's problem.")
+    admission: Admission | None = Field(None, description="limited: the refused decision (for its headers).")
 
 
-CANCELLED = JobError(kind="cancelled", message="Cancelled.")
-START_TIMEOUT = JobError(kind="start_timeout", message="The request did not start before its start timeout.")
+CANCELLED = JobError(kind=FailureKind.CANCELLED, message="Cancelled.")
+START_TIMEOUT = JobError(kind=FailureKind.START_TIMEOUT, message="The request did not start before its start timeout.")
 
 
 def final_status(result: JobResult | None, error: JobError | None) -> JobStatus:
     """The terminal status a runner's outcome stands for."""
     if result is not None:
         return JobStatus.SUCCEEDED
-    return JobStatus.CANCELLED if error is not None and error.kind == "cancelled" else JobStatus.FAILED
+    return JobStatus.CANCELLED if error is not None and error.kind == FailureKind.CANCELLED else JobStatus.FAILED
 
 
 class Job(BaseModel):
@@ -96,26 +143,26 @@ class Job(BaseModel):
     queue_position: int | None = Field(None, description="Jobs ahead of this one while queued (0 = next).")
 
 
-class Admission(BaseModel):
-    """A limit decision; on refusal nothing was recorded (a refused request consumes no quota)."""
-
-    allowed: bool
-    reason: str | None = Field(None, description="rate | concurrency, when refused")
-    limit: int = Field(description="The key's rate limit per window.")
-    max_concurrent: int = Field(description="The key's concurrency cap.")
-    remaining: int = Field(description="Requests left in the current window.")
-    reset_s: float = Field(description="Seconds until the oldest admission leaves the window.")
-    retry_after_s: float = Field(0.0, description="Seconds until a retry can succeed (refusals).")
-    slot: str | None = Field(None, description="The concurrency slot taken (sync requests).")
-    queue_position: int | None = Field(None, description="Position of an enqueued job.")
-
-    @property
-    def retry_after(self) -> int:
-        return max(1, math.ceil(self.retry_after_s))
-
-
 class CancelOutcome(str, Enum):
     CANCELLED = "cancelled"  # was queued: removed, now terminal
     REQUESTED = "requested"  # is running: its runner aborts it
     ALREADY_DONE = "already_done"
     NOT_FOUND = "not_found"
+
+
+class LimitExceeded(Exception):
+    """Refused by a per-key limit; nothing was counted. Each API renders it in its own error shape."""
+
+    def __init__(self, admission: Admission, owner: str):
+        super().__init__(admission.reason)
+        self.admission, self.owner = admission, owner
+
+
+class StoreUnavailable(RuntimeError):
+    """The shared job store cannot be reached. Backends raise it for their connection failures so
+    callers answer 503, not 500; an operation whose reply was lost may have been applied (once)."""
+
+
+WORKER_LOST = JobError(kind=FailureKind.WORKER_LOST,
+                       message="The worker running this request stopped responding; it could not be completed.")
+REQUEUED = "Worker lost; re-queued."  # the log line a job gets when reap puts it back in the queue

@@ -1,10 +1,15 @@
-"""`MemoryStore`'s operations in Redis: one Lua script per operation, so each is atomic across every
+"""`RedisBackend`: `StoreBackend` on Redis, one Lua script per operation, so each is atomic across every
 client and replica (Redis runs a script to the end before any other command), with the caller's
-`now` as the only clock (Redis' own clock is never read).
+`now` as the only clock (Redis' own clock is never read). Each script follows `MemoryStore`'s logic
+for its operation, and sits next to the method that runs it.
+
+A script gets the key prefix as ARGV[1] and its arguments as one JSON object in ARGV[2], decoded
+into the table `args` (a None argument is left out: nil in Lua).
 
 Keys, all under `<prefix>:`
   job:<id>        hash: the fields scripts read or change, each on its own (numbers as exact decimal
-                  strings), `body` (the rest of the Job as JSON, opaque to Lua) and `seq` (accept order)
+                  strings), `body` (the rest of the Job as JSON, opaque to Lua), `head` (the body less
+                  the input, for brief reads; jobs from before it have none) and `seq` (accept order)
   logs:<id>       list of LogLine JSON
   queue           zset id -> order: FIFO by an increasing sequence; a re-queue goes below the minimum
   queued:<owner>  set of the owner's queued ids (the queued count `cap_pending` checks)
@@ -23,7 +28,6 @@ logical expiry. Scripts build key names from the prefix, so this needs one Redis
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -36,8 +40,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from serve.jobs.models import (
     CANCELLED,
+    REQUEUED,
     START_TIMEOUT,
     WINDOW_S,
+    WORKER_LOST,
     Admission,
     CancelOutcome,
     Job,
@@ -46,24 +52,32 @@ from serve.jobs.models import (
     JobStatus,
     Limits,
     LogLine,
+    StoreUnavailable,
     final_status,
 )
-from serve.jobs.store import WORKER_LOST, StoreUnavailable
 
 SAFETY_MARGIN_S = 3600.0  # how long past its logical expiry a leftover key may stay in Redis
 
 # The hash fields scripts read or change, one each; the rest of a Job travels as `body`.
 _FIELDS = {"owner", "max_concurrent", "status", "created_at", "started_at", "finished_at", "expires_at",
            "attempts", "runner", "lease_until", "cancel_requested", "notify", "result", "error"}
-_CANCELLED = CANCELLED.model_dump_json()
-_LOST = JobError(kind="worker_lost", message=WORKER_LOST).model_dump_json()
-_START_TIMEOUT = START_TIMEOUT.model_dump_json()
 
-# Prepended to every script. ARGV[1] is the key prefix; each operation's arguments follow it.
+
+def _lua_string(text: str) -> str:
+    """A Lua long string: taken verbatim, with no escapes to translate."""
+    if "]==]" in text:
+        raise ValueError(f"cannot quote {text!r} for Lua")
+    return f"[==[{text}]==]"
+
+
+# Prepended to every script.
 _PRELUDE = f"""
 local WINDOW_S, SAFETY_MARGIN_S = {WINDOW_S!r}, {SAFETY_MARGIN_S!r}
+local CANCELLED = {_lua_string(CANCELLED.model_dump_json())}
+local WORKER_LOST = {_lua_string(WORKER_LOST.model_dump_json())}
+local START_TIMEOUT = {_lua_string(START_TIMEOUT.model_dump_json())}
 """ + r"""
-local prefix = ARGV[1]
+local prefix, args = ARGV[1], cjson.decode(ARGV[2])
 local function key(...) return table.concat({prefix, ...}, ':') end
 
 -- For replies only: Lua would truncate a number to an integer. (Arguments to redis.call are exact.)
@@ -128,7 +142,7 @@ local function forget(id)
   redis.call('ZREM', key('expiring'), id)
 end
 
--- MemoryStore.get's checks: another key's job is no job, and an expired one is deleted on sight.
+-- MemoryStore._visible: another key's job is no job, and an expired one is deleted on sight.
 local function visible(id, owner, now)
   local holder, expires_at = unpack(redis.call('HMGET', key('job', id), 'owner', 'expires_at'))
   if holder ~= owner then return false end
@@ -172,15 +186,15 @@ local function dequeue(id, owner)
   redis.call('ZREM', key('deadlines'), id)
 end
 
--- MemoryStore._terminate. result / err: JSON, or '' for none.
+-- MemoryStore._terminate. result / err: JSON, or nil for none.
 local function terminate(id, status, now, ttl, result, err)
   local job = key('job', id)
   redis.call('ZREM', key('slots', redis.call('HGET', job, 'owner')), id)
   redis.call('ZREM', key('running'), id)
   redis.call('HDEL', job, 'runner', 'lease_until', 'result', 'error')
   redis.call('HSET', job, 'status', status, 'finished_at', now, 'expires_at', now + ttl)
-  if result ~= '' then redis.call('HSET', job, 'result', result) end
-  if err ~= '' then redis.call('HSET', job, 'error', err) end
+  if result then redis.call('HSET', job, 'result', result) end
+  if err then redis.call('HSET', job, 'error', err) end
   redis.call('ZADD', key('expiring'), now + ttl, id)
   expire_after(job, now + ttl, now)
   expire_after(key('logs', id), now + ttl, now)
@@ -189,7 +203,7 @@ local function terminate(id, status, now, ttl, result, err)
 end
 
 -- MemoryStore._expire_unstarted: fail the queued jobs not started by their deadline.
-local function expire_unstarted(now, ttl, err)
+local function expire_unstarted(now, ttl)
   local overdue = redis.call('ZRANGEBYSCORE', key('deadlines'), '-inf', now)
   -- In queue order, as MemoryStore walks them (never-started jobs queue in accept order): the order
   -- they end in is the outbox's.
@@ -198,199 +212,23 @@ local function expire_unstarted(now, ttl, err)
   table.sort(overdue, function(a, b) return seq[a] < seq[b] end)
   for _, id in ipairs(overdue) do
     dequeue(id, redis.call('HGET', key('job', id), 'owner'))
-    terminate(id, 'failed', now, ttl, '', err)
+    terminate(id, 'failed', now, ttl, nil, START_TIMEOUT)
   end
   return #overdue
 end
 """
 
-_SCRIPTS = {
-    # owner, rate, cap, slot, lease_s, now
-    "admit": """
-local owner, rate, cap, slot = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local lease_s, now = tonumber(ARGV[6]), tonumber(ARGV[7])
-local d = decide(owner, rate, cap, now, 0)
-if d.allowed then
-  take_slot(owner, slot, now + lease_s, now)
-  d.slot = slot
-end
-return fields(d)
-""",
-    # owner, slot, lease_s, now. A lapsed lease is gone even if nothing pruned it yet.
-    "renew": """
-local owner, slot, lease_s, now = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local expiry = redis.call('ZSCORE', key('slots', owner), slot)
-if not expiry or tonumber(expiry) <= now then
-  redis.call('ZREM', key('slots', owner), slot)
-  return 0
-end
-take_slot(owner, slot, now + lease_s, now)
-return 1
-""",
-    # owner, slot, now
-    "release": """
-redis.call('ZREM', key('slots', ARGV[2]), ARGV[3])
-""",
-    # owner, rate, cap, cap_pending (1/0), now, id, logs (JSON list of LogLine JSON), start_timeout_s
-    # or '', field, value, ...
-    "enqueue": """
-local owner, rate, cap, now, id = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[6]), ARGV[7]
-local queued = nil
-if ARGV[5] == '1' then queued = redis.call('SCARD', key('queued', owner)) end
-local d, seq = decide(owner, rate, cap, now, queued)
-if d.allowed then
-  redis.call('HSET', key('job', id), 'seq', seq, unpack(ARGV, 10))
-  local logs = cjson.decode(ARGV[8])
-  if #logs > 0 then redis.call('RPUSH', key('logs', id), unpack(logs)) end
-  -- seq only grows, so the job goes behind everything queued.
-  redis.call('ZADD', key('queue'), seq, id)
-  redis.call('SADD', key('queued', owner), id)
-  if ARGV[9] ~= '' then redis.call('ZADD', key('deadlines'), now + tonumber(ARGV[9]), id) end
-  d.queue_position = redis.call('ZCARD', key('queue')) - 1
-end
-return fields(d)
-""",
-    # id, owner, now, brief ('1' or '')
-    "get": """
-local id, owner, now = ARGV[2], ARGV[3], tonumber(ARGV[4])
-if not visible(id, owner, now) then return false end
-return job_reply(id, ARGV[5] == '1')
-""",
-    # runner, lease_s, now, ttl, start-timeout error JSON: the first queued job whose owner is below
-    # its cap, now running; queued jobs past their start deadline are failed first, never claimed.
-    "claim": """
-local runner, lease_s, now = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-expire_unstarted(now, tonumber(ARGV[5]), ARGV[6])
-local queue, in_flight = key('queue'), {}  -- in_flight: owner -> live slots, pruned once per owner
-local start = 0
-repeat
-  local ids = redis.call('ZRANGE', queue, start, start + 99)  -- in pages: the queue may be long
-  for _, id in ipairs(ids) do
-    local job = key('job', id)
-    local owner, cap = unpack(redis.call('HMGET', job, 'owner', 'max_concurrent'))
-    in_flight[owner] = in_flight[owner] or redis.call('ZCARD', prune_slots(owner, now))
-    if in_flight[owner] < tonumber(cap) then
-      dequeue(id, owner)
-      take_slot(owner, id, now + lease_s, now)
-      redis.call('ZADD', key('running'), now + lease_s, id)
-      redis.call('HSET', job, 'status', 'running', 'runner', runner, 'lease_until', now + lease_s)
-      redis.call('HINCRBY', job, 'attempts', 1)
-      redis.call('HSETNX', job, 'started_at', now)
-      return job_reply(id)
-    end
-  end
-  start = start + #ids
-until #ids == 0
-return false
-""",
-    # id, runner, lease_s, now -> 1, or 0 when the runner must stop (lease lost, cancellation requested)
-    "heartbeat": """
-local id, runner, lease_s, now = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-if not running_by(id, runner) then return 0 end
-local job, expiry = key('job', id), now + lease_s
--- A lapsed lease is lost even before reap notices: its slot may already be someone else's.
-if tonumber(redis.call('HGET', job, 'lease_until')) <= now then return 0 end
-redis.call('HSET', job, 'lease_until', expiry)
-redis.call('ZADD', key('running'), expiry, id)
-take_slot(redis.call('HGET', job, 'owner'), id, expiry, now)
-if redis.call('HGET', job, 'cancel_requested') == 'true' then return 0 end
-return 1
-""",
-    # id, runner, line (LogLine JSON, stamped with `now` by the client)
-    "log": """
-if running_by(ARGV[2], ARGV[3]) then redis.call('RPUSH', key('logs', ARGV[2]), ARGV[4]) end
-""",
-    # id, runner, status, result JSON or '', error JSON or '', now, ttl
-    "finish": """
-local id, runner = ARGV[2], ARGV[3]
-if not running_by(id, runner) then return 0 end
--- A lapsed lease is lost even before reap notices: the job goes back to the queue, not to this outcome.
-if tonumber(redis.call('HGET', key('job', id), 'lease_until')) <= tonumber(ARGV[7]) then return 0 end
-terminate(id, ARGV[4], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[5], ARGV[6])
-return 1
-""",
-    # id, owner, now, ttl, cancelled error JSON
-    "cancel": """
-local id, owner, now, ttl = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-if not visible(id, owner, now) then return 'not_found' end
-local job = key('job', id)
-local status = redis.call('HGET', job, 'status')
-if status == 'queued' then
-  dequeue(id, owner)
-  terminate(id, 'cancelled', now, ttl, '', ARGV[6])
-  return 'cancelled'
-elseif status == 'running' then
-  redis.call('HSET', job, 'cancel_requested', 'true')
-  return 'requested'
-end
-return 'already_done'
-""",
-    # now, ttl, max_attempts, re-queue LogLine JSON, cancelled error JSON, worker-lost error JSON,
-    # start-timeout error JSON
-    "reap": """
-local now, ttl, max_attempts = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local lost = redis.call('ZRANGEBYSCORE', key('running'), '-inf', now)
--- Newest first, as MemoryStore walks its jobs: each re-queue goes to the front, so the lost jobs
--- end up in accept order.
-local seq = {}
-for _, id in ipairs(lost) do seq[id] = tonumber(redis.call('HGET', key('job', id), 'seq')) end
-table.sort(lost, function(a, b) return seq[a] > seq[b] end)
-for _, id in ipairs(lost) do
-  local job = key('job', id)
-  local owner, attempts, cancel = unpack(redis.call('HMGET', job, 'owner', 'attempts', 'cancel_requested'))
-  if cancel == 'true' then
-    terminate(id, 'cancelled', now, ttl, '', ARGV[6])
-  elseif tonumber(attempts) < max_attempts then
-    redis.call('ZREM', key('slots', owner), id)
-    redis.call('ZREM', key('running'), id)
-    redis.call('HSET', job, 'status', 'queued')
-    redis.call('HDEL', job, 'runner', 'lease_until')
-    redis.call('RPUSH', key('logs', id), ARGV[5])
-    local first = redis.call('ZRANGE', key('queue'), 0, 0, 'WITHSCORES')[2]
-    redis.call('ZADD', key('queue'), first and tonumber(first) - 1 or 0, id)
-    redis.call('SADD', key('queued', owner), id)
-  else
-    terminate(id, 'failed', now, ttl, '', ARGV[7])
-  end
-end
-local expired = redis.call('ZRANGEBYSCORE', key('expiring'), '-inf', now)
-for _, id in ipairs(expired) do forget(id) end
-return #lost + #expired + expire_unstarted(now, ttl, ARGV[8])
-""",
-    # limit: up to `limit` ids off the front of the outbox, each handed out once; forgotten jobs skipped
-    "take_finished": """
-local taken = {}
-for _ = 1, tonumber(ARGV[2]) do
-  local id = redis.call('LPOP', key('finished'))
-  if not id then break end
-  if redis.call('EXISTS', key('job', id)) == 1 then taken[#taken + 1] = job_reply(id) end
-end
-return taken
-""",
-    # id: offer an ended job's end again (a delivery cut short)
-    "renotify": """
-local status = redis.call('HGET', key('job', ARGV[2]), 'status')
-if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
-  redis.call('RPUSH', key('finished'), ARGV[2])
-end
-""",
-    # (no arguments) -> queued, running
-    "counts": """
-return {redis.call('ZCARD', key('queue')), redis.call('ZCARD', key('running'))}
-""",
-}
 
-
-def _job_fields(job: Job) -> list[str]:
-    """A job's hash as field, value, ...: strings stay raw, other values are JSON, None is no field."""
+def _job_hash(job: Job) -> dict[str, str]:
+    """A job's hash: strings stay raw, other values are JSON, None is no field."""
     # 'head' is the body less the input (a data: URI can be megabytes): what a brief read decodes.
     # 'body' keeps the input too, so code from before 'head' reads these jobs unchanged.
-    flat = ["body", job.model_dump_json(exclude=_FIELDS | {"logs", "queue_position"}),
-            "head", job.model_dump_json(exclude=_FIELDS | {"logs", "queue_position", "input"})]
+    record = {"body": job.model_dump_json(exclude=_FIELDS | {"logs", "queue_position"}),
+              "head": job.model_dump_json(exclude=_FIELDS | {"logs", "queue_position", "input"})}
     for name, value in job.model_dump(mode="json", include=_FIELDS).items():
         if value is not None:
-            flat += [name, value if isinstance(value, str) else json.dumps(value)]
-    return flat
+            record[name] = value if isinstance(value, str) else json.dumps(value)
+    return record
 
 
 def _job(reply: list[Any] | None) -> Job | None:
@@ -414,99 +252,269 @@ def _admission(reply: list[str]) -> Admission:
 
 
 class RedisBackend:
-    """`MemoryStore`'s operations as Lua scripts on one Redis, shared by every client of the same prefix."""
+    """Shared by every client of the same Redis and prefix."""
 
     def __init__(self, url: str, result_ttl_s: float, max_attempts: int, prefix: str = "llava-serve"):
         self._url = url
         self._ttl = result_ttl_s
         self._max_attempts = max_attempts
         self._prefix = prefix
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
 
-    def _script(self, op: str) -> AsyncScript:
-        # A client's connections belong to the event loop that opened them, so calls from another
-        # loop (the tests run each call in a fresh one) get a new client. One loop at a time.
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
+    async def _run(self, script: str, **arguments: Any) -> Any:
+        # Made on first use, in the running loop: a client's connections belong to the loop that
+        # opened them (the service has one loop per replica; the tests run on one session loop).
+        if self._client is None:
             # No retries: a script whose reply was lost may have run, and running it again would
             # apply it twice (two slots, two claims). The caller gets StoreUnavailable instead.
             self._client = Redis.from_url(self._url, decode_responses=True, retry=Retry(NoBackoff(), 0))
+        if script not in self._scripts:
             # EVALSHA; the script is loaded on the first NOSCRIPT (a new or restarted server).
-            self._scripts = {name: self._client.register_script(_PRELUDE + src) for name, src in _SCRIPTS.items()}
-            self._loop = loop
-        return self._scripts[op]
-
-    async def _run(self, op: str, *args: str | float) -> Any:
-        return await self._script(op)(args=[self._prefix, *args])
-
-    async def call(self, op: str, *args: Any) -> Any:
-        if op not in _SCRIPTS:
-            raise ValueError(f"unknown store operation {op!r}")
+            self._scripts[script] = self._client.register_script(_PRELUDE + script)
+        table = json.dumps({name: v for name, v in arguments.items() if v is not None},
+                           ensure_ascii=False, allow_nan=False)
         try:
-            return await getattr(self, f"_{op}")(*args)
+            return await self._scripts[script](args=[self._prefix, table])
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailable(f"Redis job store unavailable: {type(exc).__name__}: {exc}") from exc
 
     async def aclose(self) -> None:
-        """Closes the connections of the current event loop's client."""
-        if self._client is not None and self._loop is asyncio.get_running_loop():
+        if self._client is not None:
             await self._client.aclose()
-            self._loop = self._client = None
+            self._client = None
 
-    # -- the operations: MemoryStore's signatures --------------------------------------------
+    # -- limits ---------------------------------------------------------------------------
 
-    async def _admit(self, owner: str, limits: Limits, slot: str, lease_s: float, now: float) -> Admission:
-        return _admission(await self._run("admit", owner, limits.rate_per_minute, limits.max_concurrent, slot,
-                                          lease_s, now))
+    _ADMIT = """
+local d = decide(args.owner, args.rate, args.cap, args.now, 0)
+if d.allowed then
+  take_slot(args.owner, args.slot, args.now + args.lease_s, args.now)
+  d.slot = args.slot
+end
+return fields(d)
+"""
 
-    async def _renew(self, owner: str, slot: str, lease_s: float, now: float) -> bool:
-        return bool(await self._run("renew", owner, slot, lease_s, now))
+    async def admit(self, owner: str, limits: Limits, slot: str, lease_s: float, now: float) -> Admission:
+        return _admission(await self._run(self._ADMIT, owner=owner, rate=limits.rate_per_minute,
+                                          cap=limits.max_concurrent, slot=slot, lease_s=lease_s, now=now))
 
-    async def _release(self, owner: str, slot: str, now: float) -> None:
-        await self._run("release", owner, slot, now)
+    # A lapsed lease is gone even if nothing pruned it yet.
+    _RENEW = """
+local expiry = redis.call('ZSCORE', key('slots', args.owner), args.slot)
+if not expiry or tonumber(expiry) <= args.now then
+  redis.call('ZREM', key('slots', args.owner), args.slot)
+  return 0
+end
+take_slot(args.owner, args.slot, args.now + args.lease_s, args.now)
+return 1
+"""
 
-    async def _enqueue(self, job: Job, limits: Limits, cap_pending: bool, now: float) -> Admission:
+    async def renew(self, owner: str, slot: str, lease_s: float, now: float) -> bool:
+        return bool(await self._run(self._RENEW, owner=owner, slot=slot, lease_s=lease_s, now=now))
+
+    _RELEASE = """
+redis.call('ZREM', key('slots', args.owner), args.slot)
+"""
+
+    async def release(self, owner: str, slot: str, now: float) -> None:
+        await self._run(self._RELEASE, owner=owner, slot=slot)
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    _ENQUEUE = """
+local owner, now, id = args.owner, args.now, args.id
+local queued = nil
+if args.cap_pending then queued = redis.call('SCARD', key('queued', owner)) end
+local d, seq = decide(owner, args.rate, args.cap, now, queued)
+if d.allowed then
+  local record = {'seq', seq}
+  for name, value in pairs(args.job) do
+    record[#record + 1] = name
+    record[#record + 1] = value
+  end
+  redis.call('HSET', key('job', id), unpack(record))
+  if #args.logs > 0 then redis.call('RPUSH', key('logs', id), unpack(args.logs)) end
+  -- seq only grows, so the job goes behind everything queued.
+  redis.call('ZADD', key('queue'), seq, id)
+  redis.call('SADD', key('queued', owner), id)
+  if args.start_timeout_s then redis.call('ZADD', key('deadlines'), now + args.start_timeout_s, id) end
+  d.queue_position = redis.call('ZCARD', key('queue')) - 1
+end
+return fields(d)
+"""
+
+    async def enqueue(self, job: Job, limits: Limits, cap_pending: bool, now: float) -> Admission:
         accepted = job.model_copy(update={"status": JobStatus.QUEUED, "created_at": now})
-        logs = json.dumps([line.model_dump_json() for line in accepted.logs])
-        timeout = "" if job.start_timeout_s is None else job.start_timeout_s
-        return _admission(await self._run("enqueue", job.owner, limits.rate_per_minute, limits.max_concurrent,
-                                          int(cap_pending), now, job.id, logs, timeout, *_job_fields(accepted)))
+        return _admission(await self._run(
+            self._ENQUEUE, owner=job.owner, rate=limits.rate_per_minute, cap=limits.max_concurrent,
+            cap_pending=cap_pending, now=now, id=job.id, start_timeout_s=job.start_timeout_s,
+            logs=[line.model_dump_json() for line in accepted.logs], job=_job_hash(accepted)))
 
-    async def _get(self, job_id: str, owner: str, now: float, brief: bool = False) -> Job | None:
-        return _job(await self._run("get", job_id, owner, now, "1" if brief else ""))
+    _GET = """
+if not visible(args.id, args.owner, args.now) then return false end
+return job_reply(args.id, args.brief)
+"""
 
-    async def _claim(self, runner: str, lease_s: float, now: float) -> Job | None:
-        return _job(await self._run("claim", runner, lease_s, now, self._ttl, _START_TIMEOUT))
+    async def get(self, job_id: str, owner: str, now: float, brief: bool) -> Job | None:
+        return _job(await self._run(self._GET, id=job_id, owner=owner, now=now, brief=brief))
 
-    async def _heartbeat(self, job_id: str, runner: str, lease_s: float, now: float) -> bool:
-        return bool(await self._run("heartbeat", job_id, runner, lease_s, now))
+    _CLAIM = """
+local now = args.now
+expire_unstarted(now, args.ttl)
+local queue, in_flight = key('queue'), {}  -- in_flight: owner -> live slots, pruned once per owner
+local start = 0
+repeat
+  local ids = redis.call('ZRANGE', queue, start, start + 99)  -- in pages: the queue may be long
+  for _, id in ipairs(ids) do
+    local job = key('job', id)
+    local owner, cap = unpack(redis.call('HMGET', job, 'owner', 'max_concurrent'))
+    in_flight[owner] = in_flight[owner] or redis.call('ZCARD', prune_slots(owner, now))
+    if in_flight[owner] < tonumber(cap) then
+      dequeue(id, owner)
+      take_slot(owner, id, now + args.lease_s, now)
+      redis.call('ZADD', key('running'), now + args.lease_s, id)
+      redis.call('HSET', job, 'status', 'running', 'runner', args.runner, 'lease_until', now + args.lease_s)
+      redis.call('HINCRBY', job, 'attempts', 1)
+      redis.call('HSETNX', job, 'started_at', now)
+      return job_reply(id)
+    end
+  end
+  start = start + #ids
+until #ids == 0
+return false
+"""
 
-    async def _log(self, job_id: str, runner: str, message: str, now: float) -> None:
-        await self._run("log", job_id, runner, LogLine(timestamp=now, message=message).model_dump_json())
+    async def claim(self, runner: str, lease_s: float, now: float) -> Job | None:
+        return _job(await self._run(self._CLAIM, runner=runner, lease_s=lease_s, now=now, ttl=self._ttl))
 
-    async def _finish(
+    _HEARTBEAT = """
+local id, now = args.id, args.now
+if not running_by(id, args.runner) then return 0 end
+local job, expiry = key('job', id), now + args.lease_s
+-- A lapsed lease is lost even before reap notices: its slot may already be someone else's.
+if tonumber(redis.call('HGET', job, 'lease_until')) <= now then return 0 end
+redis.call('HSET', job, 'lease_until', expiry)
+redis.call('ZADD', key('running'), expiry, id)
+take_slot(redis.call('HGET', job, 'owner'), id, expiry, now)
+if redis.call('HGET', job, 'cancel_requested') == 'true' then return 0 end
+return 1
+"""
+
+    async def heartbeat(self, job_id: str, runner: str, lease_s: float, now: float) -> bool:
+        return bool(await self._run(self._HEARTBEAT, id=job_id, runner=runner, lease_s=lease_s, now=now))
+
+    # line: LogLine JSON, stamped with `now` by the client (cjson would round the float).
+    _LOG = """
+if running_by(args.id, args.runner) then redis.call('RPUSH', key('logs', args.id), args.line) end
+"""
+
+    async def log(self, job_id: str, runner: str, message: str, now: float) -> None:
+        line = LogLine(timestamp=now, message=message).model_dump_json()
+        await self._run(self._LOG, id=job_id, runner=runner, line=line)
+
+    _FINISH = """
+local id = args.id
+if not running_by(id, args.runner) then return 0 end
+-- A lapsed lease is lost even before reap notices: the job goes back to the queue, not to this outcome.
+if tonumber(redis.call('HGET', key('job', id), 'lease_until')) <= args.now then return 0 end
+terminate(id, args.status, args.now, args.ttl, args.result, args.error)
+return 1
+"""
+
+    async def finish(
         self, job_id: str, runner: str, result: JobResult | None, error: JobError | None, now: float
     ) -> bool:
-        return bool(await self._run("finish", job_id, runner, final_status(result, error).value,
-                                    result.model_dump_json() if result is not None else "",
-                                    error.model_dump_json() if error is not None else "", now, self._ttl))
+        return bool(await self._run(
+            self._FINISH, id=job_id, runner=runner, status=final_status(result, error).value, now=now,
+            ttl=self._ttl, result=result.model_dump_json() if result is not None else None,
+            error=error.model_dump_json() if error is not None else None))
 
-    async def _cancel(self, job_id: str, owner: str, now: float) -> CancelOutcome:
-        return CancelOutcome(await self._run("cancel", job_id, owner, now, self._ttl, _CANCELLED))
+    _CANCEL = """
+local id, owner, now = args.id, args.owner, args.now
+if not visible(id, owner, now) then return 'not_found' end
+local job = key('job', id)
+local status = redis.call('HGET', job, 'status')
+if status == 'queued' then
+  dequeue(id, owner)
+  terminate(id, 'cancelled', now, args.ttl, nil, CANCELLED)
+  return 'cancelled'
+elseif status == 'running' then
+  redis.call('HSET', job, 'cancel_requested', 'true')
+  return 'requested'
+end
+return 'already_done'
+"""
 
-    async def _reap(self, now: float) -> int:
-        requeued = LogLine(timestamp=now, message="Worker lost; re-queued.").model_dump_json()
-        return await self._run("reap", now, self._ttl, self._max_attempts, requeued, _CANCELLED, _LOST,
-                               _START_TIMEOUT)
+    async def cancel(self, job_id: str, owner: str, now: float) -> CancelOutcome:
+        return CancelOutcome(await self._run(self._CANCEL, id=job_id, owner=owner, now=now, ttl=self._ttl))
 
-    async def _take_finished(self, limit: int, now: float) -> list[Job]:
-        return [_job(reply) for reply in await self._run("take_finished", limit)]
+    # requeued: the LogLine JSON a re-queued job gets.
+    _REAP = """
+local now, ttl = args.now, args.ttl
+local lost = redis.call('ZRANGEBYSCORE', key('running'), '-inf', now)
+-- Newest first, as MemoryStore walks its jobs: each re-queue goes to the front, so the lost jobs
+-- end up in accept order.
+local seq = {}
+for _, id in ipairs(lost) do seq[id] = tonumber(redis.call('HGET', key('job', id), 'seq')) end
+table.sort(lost, function(a, b) return seq[a] > seq[b] end)
+for _, id in ipairs(lost) do
+  local job = key('job', id)
+  local owner, attempts, cancel = unpack(redis.call('HMGET', job, 'owner', 'attempts', 'cancel_requested'))
+  if cancel == 'true' then
+    terminate(id, 'cancelled', now, ttl, nil, CANCELLED)
+  elseif tonumber(attempts) < args.max_attempts then
+    redis.call('ZREM', key('slots', owner), id)
+    redis.call('ZREM', key('running'), id)
+    redis.call('HSET', job, 'status', 'queued')
+    redis.call('HDEL', job, 'runner', 'lease_until')
+    redis.call('RPUSH', key('logs', id), args.requeued)
+    local first = redis.call('ZRANGE', key('queue'), 0, 0, 'WITHSCORES')[2]
+    redis.call('ZADD', key('queue'), first and tonumber(first) - 1 or 0, id)
+    redis.call('SADD', key('queued', owner), id)
+  else
+    terminate(id, 'failed', now, ttl, nil, WORKER_LOST)
+  end
+end
+local expired = redis.call('ZRANGEBYSCORE', key('expiring'), '-inf', now)
+for _, id in ipairs(expired) do forget(id) end
+return #lost + #expired + expire_unstarted(now, ttl)
+"""
 
-    async def _renotify(self, job_id: str, now: float) -> None:
-        await self._run("renotify", job_id)
+    async def reap(self, now: float) -> int:
+        requeued = LogLine(timestamp=now, message=REQUEUED).model_dump_json()
+        return await self._run(self._REAP, now=now, ttl=self._ttl, max_attempts=self._max_attempts,
+                               requeued=requeued)
 
-    async def _counts(self, now: float) -> dict[str, int]:
-        queued, running = await self._run("counts")
+    # -- the completion outbox ------------------------------------------------------------
+
+    _TAKE_FINISHED = """
+local taken = {}
+for _ = 1, args.limit do
+  local id = redis.call('LPOP', key('finished'))
+  if not id then break end
+  if redis.call('EXISTS', key('job', id)) == 1 then taken[#taken + 1] = job_reply(id) end
+end
+return taken
+"""
+
+    async def take_finished(self, limit: int, now: float) -> list[Job]:
+        return [_job(reply) for reply in await self._run(self._TAKE_FINISHED, limit=limit)]
+
+    _RENOTIFY = """
+local status = redis.call('HGET', key('job', args.id), 'status')
+if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+  redis.call('RPUSH', key('finished'), args.id)
+end
+"""
+
+    async def renotify(self, job_id: str, now: float) -> None:
+        await self._run(self._RENOTIFY, id=job_id)
+
+    _COUNTS = """
+return {redis.call('ZCARD', key('queue')), redis.call('ZCARD', key('running'))}
+"""
+
+    async def counts(self, now: float) -> dict[str, int]:
+        queued, running = await self._run(self._COUNTS)
         return {"queued": int(queued), "running": int(running)}

@@ -18,15 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Awaitable, Callable, Protocol
-
-from pydantic import ValidationError
+from typing import Awaitable, Callable, Protocol
 
 from serve.config import JobsConfig
-from serve.engine.types import EngineInputError, EngineUnavailable
-from serve.jobs.models import CANCELLED, Job, JobError, JobResult
+from serve.jobs.failures import classify
+from serve.jobs.models import CANCELLED, Job, JobResult
 from serve.jobs.store import JobStore
-from serve.media.intake import ImageDownloadError, MediaError
 from serve.telemetry.metrics import metrics
 
 log = logging.getLogger(__name__)
@@ -39,29 +36,9 @@ class Executor(Protocol):
 
     async def run(self, job: Job, log: LogFn) -> JobResult: ...
 
-    def detail(self, exc: Exception, job: Job) -> Any:
-        """What the API needs to replay this failure to its client (e.g. fal's HTTP status and body)."""
-
     def finished(self, job: Job) -> None:
         """Called once per ended job with notify set, by whichever runner drains the store's outbox
         (webhooks), with the terminal record; must not block."""
-
-
-def job_error(exc: Exception, detail: Any) -> JobError:
-    if isinstance(exc, ValidationError):
-        kind = "validation"
-    elif isinstance(exc, ImageDownloadError):
-        kind = "image_download"
-    elif isinstance(exc, MediaError):
-        kind = "image_load"
-    elif isinstance(exc, EngineInputError):
-        kind = "input"
-    elif isinstance(exc, EngineUnavailable):
-        kind = "unavailable"
-    else:
-        log.exception("job failed unexpectedly", exc_info=exc)
-        return JobError(kind="internal", message="Internal error while running the request.", detail=detail)
-    return JobError(kind=kind, message=str(exc), detail=detail)
 
 
 # Ray Serve's default graceful_shutdown_wait_loop_s (our deployments keep it): a stopping replica looks at
@@ -177,7 +154,7 @@ class JobRunner:
             except asyncio.CancelledError:
                 result, error = None, CANCELLED
             except Exception as exc:
-                result, error = None, job_error(exc, executor.detail(exc, job))
+                result, error = None, classify(exc)  # each API renders it from its table when read
             # Refused when the lease was lost: the job is re-queued, and whoever ends it queues it.
             if await self._store.finish(job.id, self._id, result=result, error=error):
                 await self._announce()  # now, not at the next reap: webhooks go as soon as jobs end

@@ -9,9 +9,9 @@ import httpx
 
 from serve.config import MediaConfig
 from serve.media.errors import ImageDownloadError, ImageLoadError
-from serve.media.netguard import AddressGuard, Resolver, system_resolver
+from serve.net.guard import AddressGuard, AddressRefused, Resolver, system_resolver
+from serve.net.pinned import pinned_client, send_pinned, url_problem
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Some image hosts refuse anonymous library user agents; say who is asking.
 _HEADERS = {"User-Agent": "llava-serve-image-fetch", "Accept": "image/*,*/*;q=0.8", "Accept-Encoding": "identity"}
@@ -54,6 +54,8 @@ class Fetcher:
                 f"Downloading the image took longer than {self._cfg.fetch_timeout_s:g} s. Host it somewhere "
                 "faster or send it inline as a data: URI."
             ) from None
+        except AddressRefused as exc:
+            raise ImageDownloadError(_refused(exc)) from None
         except httpx.ConnectTimeout:
             raise ImageDownloadError("Timed out connecting to the image host; check that it is up.") from None
         except httpx.ReadTimeout:
@@ -119,38 +121,6 @@ class Fetcher:
             await self._client.aclose()
 
 
-def pinned_client(timeout: httpx.Timeout | float, verify: ssl.SSLContext | bool = True) -> httpx.AsyncClient:
-    """A client fit for `send_pinned`."""
-    return httpx.AsyncClient(
-        # Environment proxies or .netrc would send the request somewhere the guard never checked.
-        trust_env=False,
-        verify=verify,
-        timeout=timeout,
-        # The pool is keyed by IP, but TLS is authenticated per hostname (SNI): a kept-alive
-        # connection could serve another hostname at the same IP unauthenticated.
-        limits=httpx.Limits(max_keepalive_connections=0),
-    )
-
-
-async def send_pinned(
-    client: httpx.AsyncClient, guard: AddressGuard, method: str, url: httpx.URL, *, headers: dict[str, str],
-    stream: bool = False, **request: object,
-) -> httpx.Response:
-    """Send to the address the guard just checked for `url`'s host (no second DNS answer can
-    differ); the server still sees the real hostname in Host and in TLS SNI, against which its
-    certificate is verified."""
-    host = url.raw_host.decode("ascii")
-    address = await guard.address_for(host, url.port or _DEFAULT_PORTS[url.scheme])
-    built = client.build_request(
-        method,
-        url.copy_with(host=address),
-        headers={**headers, "Host": url.netloc.decode("ascii")},
-        extensions={"sni_hostname": host} if url.scheme == "https" else {},
-        **request,
-    )
-    return await client.send(built, stream=stream)
-
-
 def _redirect_target(url: httpx.URL, resp: httpx.Response) -> httpx.URL:
     location = resp.headers.get("location")
     if not location:
@@ -165,16 +135,13 @@ def _redirect_target(url: httpx.URL, resp: httpx.Response) -> httpx.URL:
     return target
 
 
-def url_problem(url: httpx.URL) -> str | None:
-    """What makes `url` unusable as an image source, or None."""
-    if url.scheme not in _DEFAULT_PORTS:
-        return "is not an http(s) URL"
-    if not url.raw_host:
-        return "has no host"
-    if url.port is not None and not 0 < url.port < 65536:
-        return "has a port outside 1-65535"
-    return None
-
-
 def _too_large(limit: int) -> ImageDownloadError:
     return ImageDownloadError(f"The image is larger than the {limit} byte limit; send a smaller image.")
+
+
+def _refused(exc: AddressRefused) -> str:
+    if exc.unresolved:
+        return f"The image host {exc.host!r} could not be resolved; check the URL."
+    return (f"The image host {exc.host!r} points to a loopback, private, link-local or otherwise non-public "
+            "address, which this server does not fetch from. Use a publicly reachable URL or "
+            "send the image inline as a data: URI.")

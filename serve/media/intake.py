@@ -1,6 +1,6 @@
 """Image intake: every image reaches the engine through `ImageIntake.load`.
 
-`data:` URIs (datauri.py) and http(s) URLs behind the SSRF guard (fetch.py, netguard.py) become
+`data:` URIs (datauri.py) and http(s) URLs behind the SSRF guard (fetch.py, serve/net/) become
 bytes; decode.py turns bytes into a bounded RGB image; cache.py remembers recent decodes.
 """
 

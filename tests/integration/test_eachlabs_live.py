@@ -17,7 +17,7 @@ SDK = ROOT / "tests" / "clients" / "js"
 
 
 def test_documented_python_client(stack):
-    # api-spec §5.3, base URL swapped (and a data: URI for the image, max_tokens lowered).
+    # docs/api.md §5.3, base URL swapped (and a data: URI for the image, max_tokens lowered).
     BASE = stack
     H = {"X-API-Key": KEY, "Content-Type": "application/json"}
     pid = requests.post(f"{BASE}/v1/prediction/", headers=H, json={

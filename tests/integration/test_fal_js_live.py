@@ -1,4 +1,4 @@
-"""fal on the live stack with the real JS client, `@fal-ai/client@1.10.1` (api-spec §5.2), in both ways a
+"""fal on the live stack with the real JS client, `@fal-ai/client@1.10.1` (docs/api.md §5.2), in both ways a
 user can point it at this server: URL-rewriting middleware and `proxyUrl` (x-fal-target-url, §2.8)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The real Python `fal-client==1.0.3` against the live stack, pointed here by its two URL formats
-(api-spec §5.1(a)); the environment-only way (TLS) is tests/tls. Plus the wire-level behaviour of
+(docs/api.md §5.1(a)); the environment-only way (TLS) is tests/tls. Plus the wire-level behaviour of
 the queue and the stream that only real HTTP shows (disconnects, slots held by streams)."""
 
 from __future__ import annotations

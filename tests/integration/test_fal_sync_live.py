@@ -120,9 +120,11 @@ def test_a_saturated_engine_is_still_ready(stack, stack_config, engine_stats):
         ready = requests.get(f"{stack}/readyz", timeout=3)
         print(f"\nreadyz under saturation: {1000 * (time.perf_counter() - t0):.0f} ms")
         busy = sum(not f.done() for f in pending)
-        outcomes = [f.exception() for f in pending]
+        outcomes = [f.exception() or f.result().status_code for f in pending]
     assert ready.status_code == 200, ready.text
-    assert busy == cap + 4 and all(isinstance(e, requests.Timeout) for e in outcomes)
+    assert busy == cap + 4  # every request was still in flight when readiness was asked
+    # Each then timed out on the client's side, or (a fast machine, an early end of text) was answered.
+    assert all(isinstance(o, requests.Timeout) or o == 200 for o in outcomes), outcomes
     after = wait_for_abort(engine_stats, {"aborted": 0})
     assert after["running"] == 0
     assert after["peak_running"] == cap  # the engine really was full when readiness was asked

@@ -1,4 +1,4 @@
-"""fal's status codes and headers (api-spec §2.5–2.8) as they leave the live stack: through Ray
+"""fal's status codes and headers (docs/api.md §2.5–2.8) as they leave the live stack: through Ray
 Serve's HTTP proxy, which must pass every header, the Host and SSE through untouched."""
 
 from __future__ import annotations

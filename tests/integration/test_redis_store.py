@@ -3,6 +3,7 @@ calls on one redis-server, and every operation must still be one atomic step.
 
 The clock is injected and fixed while a burst runs, so every attempt competes for the same window.
 Last, random operation sequences run in lockstep on MemoryStore and Redis must get equal answers.
+Every test runs on the session's one event loop, as the service runs on one loop per replica.
 """
 
 from __future__ import annotations
@@ -15,19 +16,19 @@ from collections import Counter
 import pytest
 import pytest_asyncio
 
-from serve.jobs.models import Job, JobError, JobResult, JobStatus, Limits
+from serve.jobs.memory import MemoryStore
+from serve.jobs.models import Job, JobError, JobResult, JobStatus, Limits, Problem, StoreUnavailable
 from serve.jobs.redis_store import RedisBackend
-from serve.jobs.store import JobStore, MemoryStore, StoreUnavailable
+from serve.jobs.store import STORE_OPERATIONS, JobStore
 from tests.conftest import free_port
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 CLIENTS = 4
 LEASE = 30.0
 
 
-
-
-
-@pytest_asyncio.fixture(loop_scope="function")  # the tests' loop: the clients' connections live in it
+@pytest_asyncio.fixture
 async def stores(redis_url, clock):
     """One JobStore per client, each with its own connection pool, all on the same keys."""
     prefix = f"test-{uuid.uuid4().hex}"
@@ -98,10 +99,11 @@ async def test_an_unreachable_redis_is_store_unavailable():
     backend = RedisBackend(f"redis://127.0.0.1:{free_port()}/0", 3600.0, max_attempts=2)  # nothing listens
     with pytest.raises(StoreUnavailable):
         await JobStore(backend).admit("alice", Limits(rate_per_minute=1, max_concurrent=1), LEASE)
+    await backend.aclose()
 
 
 OPS = ["admit", "renew", "release", "enqueue", "enqueue", "get", "claim", "claim", "heartbeat", "log", "finish",
-       "cancel", "reap"]
+       "cancel", "reap", "take_finished", "renotify", "counts"]
 
 
 def random_call(rng: random.Random, now: float, slots: list[tuple[str, str]], jobs: list[str]) -> tuple[str, tuple]:
@@ -118,18 +120,22 @@ def random_call(rng: random.Random, now: float, slots: list[tuple[str, str]], jo
         return op, (owner, slot, lease, now) if op == "renew" else (owner, slot, now)
     if op == "enqueue":
         job = Job(id=str(uuid.UUID(int=rng.getrandbits(128))), owner=owner, api="fal", input={"x": rng.random()},
-                  max_concurrent=rng.randint(1, 3), created_at=0.0)
+                  max_concurrent=rng.randint(1, 3), created_at=0.0, notify=rng.random() < 0.5,
+                  start_timeout_s=rng.choice([None, None, 2.5, 40.0]))
         jobs.append(job.id)
         return op, (job, limits, rng.random() < 0.5, now)
     if op == "finish":
         kind = rng.choice(["ok", "cancelled", "image_load", None])
         result = JobResult(chunks=["a"], num_input_tokens=1, num_output_tokens=1, finish_reason="stop")
-        error = JobError(kind=kind, message="m", detail={"n": None}) if kind not in ("ok", None) else None
+        problems = [Problem(loc=["body", "x"], msg="m", type="t", input=None, ctx={"n": None})]
+        error = JobError(kind=kind, message="m", problems=problems) if kind not in ("ok", None) else None
         return op, (job_id, runner, result if kind == "ok" else None, error, now)
     return {  # renew / release before any admit: a reap instead
         "get": ("get", (job_id, owner, now, rng.random() < 0.5)), "cancel": ("cancel", (job_id, owner, now)),
         "claim": ("claim", (runner, lease, now)), "heartbeat": ("heartbeat", (job_id, runner, lease, now)),
         "log": ("log", (job_id, runner, f"line at {now}", now)),
+        "take_finished": ("take_finished", (rng.randint(1, 3), now)), "renotify": ("renotify", (job_id, now)),
+        "counts": ("counts", (now,)),
     }.get(op, ("reap", (now,)))
 
 
@@ -137,6 +143,7 @@ def random_call(rng: random.Random, now: float, slots: list[tuple[str, str]], jo
 async def test_redis_answers_exactly_as_memory_store(redis_url, seed):
     """Random operation sequences, run in lockstep on the reference MemoryStore and on Redis: every
     answer must be equal, floats included (a real-epoch clock with fractions, leases and TTLs lapsing)."""
+    assert set(OPS) == set(STORE_OPERATIONS)  # every operation gets drawn
     rng = random.Random(seed)
     memory = MemoryStore(result_ttl_s=100.0, max_attempts=2)
     backend = RedisBackend(redis_url, 100.0, max_attempts=2, prefix=f"test-{uuid.uuid4().hex}")
@@ -145,10 +152,10 @@ async def test_redis_answers_exactly_as_memory_store(redis_url, seed):
         for step in range(400):
             now += rng.choice([0.0, 0.0, 0.001, 0.5, 3.3, 10.0, 31.0, 61.7])
             op, args = random_call(rng, now, slots, jobs)
-            expected = getattr(memory, op)(*args)
+            expected = await getattr(memory, op)(*args)
             if isinstance(expected, Job):
                 expected = expected.model_copy(deep=True)  # later operations mutate the store's own
-            assert await backend.call(op, *args) == expected, (step, op, args)
+            assert await getattr(backend, op)(*args) == expected, (step, op, args)
     finally:
         await backend.aclose()
 
@@ -158,7 +165,8 @@ async def test_a_job_stored_by_earlier_code_still_reads_brief(redis_url):
     import redis.asyncio as aioredis
 
     prefix = f"test-{uuid.uuid4().hex}"
-    store = JobStore(RedisBackend(redis_url, 3600.0, max_attempts=2, prefix=prefix))
+    backend = RedisBackend(redis_url, 3600.0, max_attempts=2, prefix=prefix)
+    store = JobStore(backend)
     old = Job(id="j1", owner="alice", api="fal", input={"prompt": "hi"}, max_concurrent=1, created_at=0.0)
     await store.enqueue(old, Limits(rate_per_minute=5, max_concurrent=1), cap_pending=False)
     client = aioredis.from_url(redis_url)
@@ -168,21 +176,18 @@ async def test_a_job_stored_by_earlier_code_still_reads_brief(redis_url):
         assert brief.input == {"prompt": "hi"} and brief.status == JobStatus.QUEUED and brief.queue_position == 0
     finally:
         await client.aclose()
+        await backend.aclose()
 
 
-def test_the_production_config_builds_a_redis_store(redis_url, tmp_path):
+async def test_the_production_config_builds_a_redis_store(redis_url, tmp_path):
     """`store.backend: redis` (as in configs/llava-1.5-13b-l40s.yaml) reaches the same Redis semantics."""
     from serve.config import load_config
-    from serve.jobs.store import build_store
+    from serve.jobs.factory import build_store
     from tests.conftest import CONFIGS
 
     cfg = load_config(CONFIGS / "llava-1.5-13b-l40s.yaml", env={})
     cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"redis_url": redis_url}),
                                  "app_name": f"t{tmp_path.name}"})
-
-    async def two_admits():
-        store = build_store(cfg)
-        limits = Limits(rate_per_minute=1, max_concurrent=5)
-        return [(await store.admit("alice", limits, LEASE)).allowed for _ in range(2)]
-
-    assert asyncio.run(two_admits()) == [True, False]
+    store = build_store(cfg)
+    limits = Limits(rate_per_minute=1, max_concurrent=5)
+    assert [(await store.admit("alice", limits, LEASE)).allowed for _ in range(2)] == [True, False]

@@ -1,4 +1,4 @@
-"""fal's Python client pointed here by the environment alone (api-spec §5.1(b)): `llava-serve run`
+"""fal's Python client pointed here by the environment alone (docs/api.md §5.1(b)): `llava-serve run`
 with a TLS listener and a self-signed certificate, and an unchanged app with FAL_RUN_HOST,
 FAL_QUEUE_RUN_HOST and SSL_CERT_FILE. Its own stack: the integration stack has stopped by now."""
 

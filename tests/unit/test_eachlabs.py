@@ -1,4 +1,4 @@
-"""Eachlabs prediction API, wire level (api-spec §3), fake engine, real app, runner and store."""
+"""Eachlabs prediction API, wire level (docs/api.md §3), fake engine, real app, runner and store."""
 
 import time
 import uuid
@@ -6,8 +6,8 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.api.eachlabs.jobs import EachlabsExecutor
-from serve.api.fal.jobs import FalExecutor
+from serve.api.eachlabs.serving import EachlabsExecutor
+from serve.api.fal.serving import FalExecutor
 from serve.config import JobsConfig
 from serve.ingress import create_app
 from serve.jobs.runner import JobRunner

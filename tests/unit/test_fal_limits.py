@@ -1,4 +1,4 @@
-"""fal sync run under per-key limits (api-spec §4.2): 429 shapes and headers, no quota for refusals."""
+"""fal sync run under per-key limits (docs/api.md §4.2): 429 shapes and headers, no quota for refusals."""
 
 import asyncio
 import threading
@@ -87,13 +87,14 @@ def test_a_failed_request_gives_its_slot_back(tmp_path):
 def test_an_unreachable_store_is_a_503_not_a_500(tmp_path):
     from fastapi.testclient import TestClient
 
-    from serve.jobs.store import StoreUnavailable
+    from serve.jobs.memory import MemoryStore
+    from serve.jobs.models import StoreUnavailable
 
-    class DownBackend:
-        async def call(self, op, *args):
+    class DownBackend(MemoryStore):
+        async def admit(self, *args):
             raise StoreUnavailable("connection refused")
 
-    app = app_for(FakeEngine(), tmp_path, rate=100, concurrent=10, backend=DownBackend())
+    app = app_for(FakeEngine(), tmp_path, rate=100, concurrent=10, backend=DownBackend(3600.0, 2))
     resp = TestClient(app).post(URL, json=BODY, headers=AUTH)
     assert resp.status_code == 503 and resp.json()["error_type"] == "runner_scheduling_failure"
     assert resp.headers["x-fal-request-id"]

@@ -1,4 +1,4 @@
-"""fal queue API, streaming, routing and proxy mode, wire level (api-spec §1.2, §2.4–2.8, §2.10):
+"""fal queue API, streaming, routing and proxy mode, wire level (docs/api.md §1.2, §2.4–2.8, §2.10):
 the real app, job runner and store with a fake engine. The real clients are in tests/integration."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.api.eachlabs.jobs import EachlabsExecutor
-from serve.api.fal.jobs import FalExecutor
+from serve.api.eachlabs.serving import EachlabsExecutor
+from serve.api.fal.serving import FalExecutor
 from serve.api.services import Services
 from serve.config import JobsConfig, MediaConfig, WebhooksConfig
 from serve.engine.types import Completion, EngineUnavailable, TextDelta
@@ -68,7 +68,7 @@ def sse(resp) -> list[dict]:
     return [json.loads(line[len("data: "):]) for line in lines]
 
 
-# -- routing (api-spec §1.2) ------------------------------------------------------------------------
+# -- routing (docs/api.md §1.2) ------------------------------------------------------------------------
 
 
 def test_submit_via_queue_prefix_returns_reachable_urls():
@@ -129,7 +129,7 @@ def test_cors_preflight():
     assert "x-fal-target-url" in resp.headers["access-control-allow-headers"]
 
 
-# -- proxy mode (api-spec §2.8) ---------------------------------------------------------------------
+# -- proxy mode (docs/api.md §2.8) ---------------------------------------------------------------------
 
 PROXY = "/api/fal/proxy"
 
@@ -165,7 +165,7 @@ def test_proxy_needs_credentials():
     assert resp.status_code == 401 and resp.json() == {"detail": "Authentication is required"}
 
 
-# -- status, result, cancel (api-spec §2.5) ------------------------------------------------------------
+# -- status, result, cancel (docs/api.md §2.5) ------------------------------------------------------------
 
 
 def test_status_in_queue_has_position_and_null_logs_unless_asked():
@@ -334,7 +334,7 @@ def test_sync_run_that_cannot_start_in_time_is_504_and_aborted():
     assert took < 3.0 and engine.cancelled == 1
 
 
-# -- streaming (api-spec §2.4) ------------------------------------------------------------------------
+# -- streaming (docs/api.md §2.4) ------------------------------------------------------------------------
 
 
 def test_stream_is_cumulative_and_ends_with_the_complete_output():
@@ -387,7 +387,7 @@ def test_status_stream_sends_changes_with_new_logs_only_and_ends_completed():
     assert [line for e in events for line in e["logs"]] == final["logs"]  # concatenated: every line once
 
 
-# -- webhook (api-spec §2.10) ---------------------------------------------------------------------------
+# -- webhook (docs/api.md §2.10) ---------------------------------------------------------------------------
 
 
 def test_fal_webhook_gets_the_result_or_the_replayed_error():

@@ -1,4 +1,4 @@
-"""fal synchronous run, wire level (api-spec §2.1–2.3, §2.7), with a fake engine behind the real app."""
+"""fal synchronous run, wire level (docs/api.md §2.1–2.3, §2.7), with a fake engine behind the real app."""
 
 import uuid
 

@@ -5,7 +5,8 @@ import asyncio
 import time
 import uuid
 
-from serve.api.fal.jobs import FalExecutor
+from serve.api.fal.protocol import outcome
+from serve.api.fal.serving import FalExecutor
 from serve.config import JobsConfig
 from serve.jobs.models import CancelOutcome, Job, JobStatus, Limits
 from serve.jobs.runner import JobRunner, drain_budget_s
@@ -57,7 +58,7 @@ def test_a_job_runs_to_success_with_real_logs():
     assert messages[2] == "Generated 5 tokens from 600 input tokens"
 
 
-def test_failures_are_recorded_with_the_fal_error_to_replay():
+def test_failures_are_recorded_with_their_kind_and_replayed_as_fal_errors():
     async def body(store):
         limits = Limits(rate_per_minute=60, max_concurrent=10)
         bad_image, no_prompt = fal_job(image_url="data:image/png;base64,aGVsbG8="), fal_job()
@@ -68,10 +69,12 @@ def test_failures_are_recorded_with_the_fal_error_to_replay():
 
     bad_image, no_prompt = with_runner(FakeEngine(), body)
     assert bad_image.status == JobStatus.FAILED and bad_image.error.kind == "image_load"
-    assert bad_image.error.detail["status_code"] == 422
-    assert bad_image.error.detail["body"]["detail"][0]["type"] == "image_load_error"
+    code, body, _ = outcome(bad_image)  # what fal's result endpoint replays
+    assert code == 422 and body["detail"][0]["type"] == "image_load_error"
+    assert body["detail"][0]["input"] == bad_image.input["image_url"]
     assert no_prompt.error.kind == "validation"
-    assert no_prompt.error.detail["body"]["detail"][0]["loc"] == ["body", "prompt"]
+    assert [p.loc for p in no_prompt.error.problems] == [["prompt"]]
+    assert outcome(no_prompt)[1]["detail"][0]["loc"] == ["body", "prompt"]
 
 
 def test_cancelling_a_running_job_stops_the_engine_work():

@@ -27,7 +27,7 @@ from serve.config import MediaConfig
 from serve.media.datauri import decode_data_uri
 from serve.media.fetch import Fetcher
 from serve.media.intake import ImageDownloadError, ImageIntake, ImageLoadError
-from serve.media.netguard import is_public
+from serve.net.guard import is_public
 from tests.conftest import data_uri, image_bytes
 
 PNG = image_bytes((40, 30))

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from serve.api.eachlabs.jobs import webhook_payload
+from serve.api.eachlabs.serving import webhook_payload
 from serve.config import MediaConfig, WebhooksConfig
 from serve.jobs.models import Job, JobError, JobResult, JobStatus
 from serve.webhooks import WebhookSender

@@ -1,4 +1,4 @@
-"""Eachlabs `llava-13b` prediction API wire models (api-spec §3) and their translation."""
+"""Eachlabs `llava-13b` prediction API wire models (docs/api.md §3) and their translation."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from serve.api.eachlabs.errors import error_output
 from serve.api.translate import generation_request
 from serve.config import ModelConfig
 from serve.engine.types import GenerationRequest
-from serve.jobs.models import Job, JobError, JobStatus
+from serve.jobs.models import Job, JobStatus
 
 MODEL = "llava-13b"
 
@@ -49,17 +50,6 @@ class CreatePrediction(BaseModel):
     webhook_secret: str | None = None
 
 
-# Job error kinds -> Eachlabs V1 error codes.
-ERROR_CODES = {
-    "image_download": "INPUT_DOWNLOAD_ERROR",
-    "image_load": "INPUT_VALIDATION_ERROR",
-    "validation": "INPUT_VALIDATION_ERROR",
-    "input": "INPUT_VALIDATION_ERROR",
-    "unavailable": "PROVIDER_SERVER_ERROR",
-    "worker_lost": "WORKER_LOST",
-    "timeout": "EXECUTION_TIMEOUT",
-}
-
 STATUSES = {
     JobStatus.QUEUED: "created",
     JobStatus.SUCCEEDED: "success",
@@ -76,10 +66,6 @@ def to_generation_request(
         request_id=request_id, owner=owner, model=model, prompt=inp.prompt, image=image,
         max_tokens=inp.max_tokens, temperature=inp.temperature, top_p=inp.top_p, stream=True,
     )
-
-
-def error_output(error: JobError) -> dict[str, str]:
-    return {"error_code": ERROR_CODES.get(error.kind, "PROVIDER_FAILED"), "error_message": error.message}
 
 
 def status_of(job: Job) -> str:

@@ -1,25 +1,18 @@
-"""Eachlabs prediction routes: thin — authenticate, validate, enqueue or read the job, shape it."""
+"""Eachlabs prediction routes (docs/api.md §3): read the request, call the serving layer, return."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import uuid
-
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
-from serve.api.eachlabs.errors import error, invalid_input, to_eachlabs_error
-from serve.api.eachlabs.protocol import MODEL, CreatePrediction, LlavaInput, prediction
-from serve.api.services import Services, get_services, shaped_errors
+from serve.api.context import api_name, context, operation
+from serve.api.eachlabs import serving
+from serve.api.eachlabs.errors import ANSWERS, error
+from serve.api.errors import shaped_errors
+from serve.api.services import Services, get_services
 from serve.auth import Caller
-from serve.jobs.limits import LimitExceeded, rate_limit_headers
-from serve.jobs.models import Admission, CancelOutcome, Job
 
-RUN_POLL_S = 0.1
-
-router = APIRouter(route_class=shaped_errors(to_eachlabs_error))  # failures answer {"error": ...}
+# Failures answer {"error": ...}; every route is the Eachlabs API's.
+router = APIRouter(route_class=shaped_errors(ANSWERS), dependencies=[Depends(api_name("eachlabs"))])
 
 
 async def each_caller(request: Request, services: Services = Depends(get_services)) -> Caller:
@@ -31,105 +24,50 @@ async def each_caller(request: Request, services: Services = Depends(get_service
     caller = services.keys.authenticate(key) if key else None
     if caller is None:
         raise error(401, "Invalid or missing API key")
-    request.state.key_name = caller.name
+    context(request).key_name = caller.name
     return caller
 
 
-def _base_url(request: Request, services: Services) -> str:
+def base_url(request: Request, services: Services) -> str:
     return services.config.http.public_base_url or str(request.base_url)
 
 
-async def _create(request: Request, caller: Caller, services: Services) -> tuple[Job, Admission]:
-    try:
-        body = json.loads(await request.body())
-    except ValueError:
-        raise error(400, "Invalid request body") from None
-    if not isinstance(body, dict):
-        raise error(400, "Invalid request body")
-    try:
-        req = CreatePrediction.model_validate(body)
-    except ValidationError as exc:
-        raise error(400, f"Invalid request body: {exc.errors(include_url=False)[0]['msg']}") from None
-    if not req.model:
-        raise error(400, "model field is required")
-    if req.model != MODEL:
-        raise error(404, "Failed to fetch model: model not found")
-    if req.input is None:
-        raise error(400, "Invalid input for model: input is required")
-    try:
-        LlavaInput.model_validate(req.input)  # refused now, not as a failed prediction later
-    except ValidationError as exc:
-        raise invalid_input(exc) from None
-    request.state.request_id = job_id = str(uuid.uuid4())  # the prediction id is the request's id everywhere
-    job = Job(
-        id=job_id,
-        owner=caller.name,
-        api="eachlabs",
-        input=req.input,
-        meta={"version": req.version, "webhook_url": req.webhook_url, "webhook_secret": req.webhook_secret},
-        max_concurrent=caller.limits.max_concurrent,
-        created_at=0.0,  # the store stamps it
-        notify=bool(req.webhook_url),
-    )
-    # Unfinished predictions count against the concurrency cap: an 11th is refused, not queued.
-    admission = await services.store.enqueue(job, caller.limits, cap_pending=True)
-    if not admission.allowed:
-        raise LimitExceeded(admission, caller.name)
-    return job, admission
-
-
-@router.post("/v1/prediction")
-@router.post("/v1/prediction/")
+@router.post("/v1/prediction", dependencies=[Depends(operation("create"))])
+@router.post("/v1/prediction/", dependencies=[Depends(operation("create"))])
 async def create(
     request: Request, caller: Caller = Depends(each_caller), services: Services = Depends(get_services)
 ) -> Response:
-    job, admission = await _create(request, caller, services)
-    body = {"status": "success", "message": "Prediction created successfully", "predictionID": job.id}
-    return JSONResponse(body, headers=rate_limit_headers(admission))
+    req = serving.parse_create(await request.body())
+    job, admission = await serving.create(services, context(request), caller, req)
+    return serving.created(job, admission)
 
 
-@router.post("/v1/prediction/run")
+@router.post("/v1/prediction/run", dependencies=[Depends(operation("run"))])
 async def run(
     request: Request, caller: Caller = Depends(each_caller), services: Services = Depends(get_services)
 ) -> Response:
-    """The SDK's blocking call: create, then answer with the prediction once it is terminal."""
-    job, admission = await _create(request, caller, services)
-    try:
-        while not (current := await services.store.get(job.id, caller.name)).status.terminal:
-            await asyncio.sleep(RUN_POLL_S)
-    except asyncio.CancelledError:
-        await services.store.cancel(job.id, caller.name)  # the caller left: stop the work
-        raise
-    body = prediction(current, _base_url(request, services), services.config.eachlabs.price_per_second)
-    return JSONResponse(body, headers=rate_limit_headers(admission))
+    req = serving.parse_create(await request.body())
+    return await serving.run(services, context(request), caller, req, base_url(request, services))
 
 
-@router.get("/v1/prediction/{prediction_id}")
-@router.get("/v1/prediction/{prediction_id}/")
+@router.get("/v1/prediction/{prediction_id}", dependencies=[Depends(operation("get"))])
+@router.get("/v1/prediction/{prediction_id}/", dependencies=[Depends(operation("get"))])
 async def get(
-    prediction_id: str,
-    request: Request,
-    caller: Caller = Depends(each_caller),
+    prediction_id: str, request: Request, caller: Caller = Depends(each_caller),
     services: Services = Depends(get_services),
 ) -> Response:
-    job = await services.store.get(prediction_id, caller.name)  # polls never count against limits
-    if job is None:
-        raise error(404, "Prediction not found")
-    return JSONResponse(prediction(job, _base_url(request, services), services.config.eachlabs.price_per_second))
+    return await serving.get(services, context(request), caller, prediction_id, base_url(request, services))
 
 
-@router.post("/v1/prediction/{prediction_id}/cancel")
+@router.post("/v1/prediction/{prediction_id}/cancel", dependencies=[Depends(operation("cancel"))])
 async def cancel(
-    prediction_id: str, caller: Caller = Depends(each_caller), services: Services = Depends(get_services)
+    prediction_id: str, request: Request, caller: Caller = Depends(each_caller),
+    services: Services = Depends(get_services),
 ) -> Response:
-    outcome = await services.store.cancel(prediction_id, caller.name)
-    if outcome == CancelOutcome.NOT_FOUND:
-        raise error(404, "Prediction not found")
-    if outcome == CancelOutcome.ALREADY_DONE:
-        raise error(400, "Prediction already completed")
-    return JSONResponse({"status": "success", "message": "Prediction cancelled successfully"})
+    return await serving.cancel(services, context(request), caller, prediction_id)
 
 
-@router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+@router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                  dependencies=[Depends(operation("not_found"))])
 async def not_found(rest: str) -> Response:
     raise error(404, "Not found")

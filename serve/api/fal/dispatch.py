@@ -1,14 +1,14 @@
-"""Which fal operation a request is for (api-spec §1.2), decided before routing.
+"""Which fal operation a request is for (docs/api.md §1.2), decided before routing.
 
 One origin stands in for `fal.run`, `queue.fal.run` and the JS client's proxy mode, which share
 paths: submit and run are both `POST /fal-ai/llavav15-13b`. This middleware rewrites a request to
 its fal path, records in `request.state.fal` whether it came for the queue (and how: the URLs a
-submit returns depend on it), and puts `x-fal-request-id` on every fal response, errors included.
+submit returns depend on it), and puts `x-fal-request-id` (the request context's id) on every fal
+response, errors included.
 """
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.telemetry.access import RequestContext
 
 PROXY_PATH = "/api/fal/proxy"
 QUEUE_PREFIX = "/queue/"
@@ -82,11 +84,12 @@ class FalDispatch:
 
         state = scope.setdefault("state", {})
         state["fal"] = routing
-        state["request_id"] = str(uuid.uuid4())  # routes of an existing request put its id here
+        # The context's id: a route about an existing request (status, result...) makes it that request's.
+        ctx = state.setdefault("ctx", RequestContext())
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).setdefault(REQUEST_ID_HEADER, state["request_id"])
+                MutableHeaders(scope=message).setdefault(REQUEST_ID_HEADER, ctx.request_id)
             await send(message)
 
         await self.app(scope, receive, send_with_id)

@@ -1,51 +1,39 @@
-"""fal's error model (api-spec §2.7): the one place that turns failures into fal responses."""
+"""fal's error model (docs/api.md §2.7): the one table from failure kinds to fal responses."""
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+from typing import Any, Mapping
 
 from pydantic import ValidationError
 
-from serve.api.services import ApiError
-from serve.engine.types import EngineInputError, EngineUnavailable, StartTimeout
-from serve.jobs.limits import LimitExceeded, rate_limit_headers
-from serve.jobs.models import JobError
-from serve.jobs.store import StoreUnavailable
-from serve.telemetry.metrics import metrics
-from serve.media.intake import ImageDownloadError, MediaError
-
-log = logging.getLogger(__name__)
+from serve.api.errors import Answers, ApiError
+from serve.api.limits import rate_limit_headers
+from serve.jobs.failures import problems
+from serve.jobs.models import FailureKind, JobError, Problem
 
 _DOCS = "https://docs.fal.ai/errors/#"
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return str(value)
+def _detail(problem: Problem, where: str = "body") -> dict[str, Any]:
+    item = {"loc": [where, *problem.loc], "msg": problem.msg, "type": problem.type, "input": problem.input}
+    if problem.ctx is not None:
+        item["ctx"] = problem.ctx
+    if problem.type in ("file_download_error", "image_load_error"):
+        item["url"] = _DOCS + problem.type
+    return item
 
 
 def validation_error(exc: ValidationError) -> ApiError:
     """422 with pydantic's errors as fal's detail list (loc under "body")."""
-    detail = []
-    for err in exc.errors(include_url=False):
-        item = {"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"], "input": _json_safe(err["input"])}
-        if "ctx" in err:
-            item["ctx"] = _json_safe(err["ctx"])
-        detail.append(item)
-    return ApiError(422, {"detail": detail})
+    return _validation(problems(exc))
+
+
+def _validation(found: list[Problem]) -> ApiError:
+    return ApiError(422, {"detail": [_detail(p) for p in found]})
 
 
 def field_error(field: str, msg: str, error_type: str, value: Any, where: str = "body") -> ApiError:
-    item = {"loc": [where, field], "msg": msg, "type": error_type, "input": _json_safe(value)}
-    if error_type in ("file_download_error", "image_load_error"):
-        item["url"] = _DOCS + error_type
-    return ApiError(422, {"detail": [item]})
+    return ApiError(422, {"detail": [_detail(Problem(loc=[field], msg=msg, type=error_type, input=value), where)]})
 
 
 def flat_error(status_code: int, detail: str, error_type: str | None = None, **headers: str) -> ApiError:
@@ -57,23 +45,45 @@ def flat_error(status_code: int, detail: str, error_type: str | None = None, **h
     return ApiError(status_code, body, headers)
 
 
-def start_timed_out() -> ApiError:
+def _on_field(name: str, error_type: str):
+    """A 422 naming the input field at fault, echoing its value when the input is known."""
+    return lambda err, inp: field_error(name, err.message, error_type, (inp or {}).get(name))
+
+
+def _limited(err: JobError, inp: Mapping[str, Any] | None) -> ApiError:
+    adm = err.admission
+    if adm is None or adm.reason == "concurrency":
+        detail = "Concurrency limit exceeded. Please retry later."
+    else:
+        detail = f"Rate limit exceeded ({adm.limit} requests per minute). Please retry after {adm.retry_after} seconds."
+    return ApiError(429, {"detail": detail}, rate_limit_headers(adm) if adm is not None else {})
+
+
+ANSWERS: Answers = {
+    # A validation error read back from an older job may have no problems: its message stands alone.
+    FailureKind.VALIDATION: lambda err, inp: _validation(
+        err.problems or [Problem(loc=[], msg=err.message, type="value_error")]),
+    FailureKind.IMAGE_DOWNLOAD: _on_field("image_url", "file_download_error"),
+    FailureKind.IMAGE_LOAD: _on_field("image_url", "image_load_error"),
+    FailureKind.INPUT: _on_field("prompt", "value_error"),
+    FailureKind.LIMITED: _limited,
     # The caller's own start timeout ran out: with this header neither client retries.
-    return flat_error(504, "Request timed out", "request_timeout", X_Fal_Request_Timeout_Type="user")
+    FailureKind.START_TIMEOUT: lambda err, inp: flat_error(
+        504, "Request timed out", "request_timeout", X_Fal_Request_Timeout_Type="user"),
+    FailureKind.CANCELLED: lambda err, inp: flat_error(400, "Request was cancelled", "request_cancelled"),
+    FailureKind.UNAVAILABLE: lambda err, inp: flat_error(
+        503, "The model runner is unavailable; try again.", "runner_disconnected"),
+    FailureKind.STORE_UNAVAILABLE: lambda err, inp: flat_error(
+        503, "The request queue is unavailable; try again.", "runner_scheduling_failure"),
+    FailureKind.WORKER_LOST: lambda err, inp: flat_error(503, err.message, "runner_disconnected"),
+    FailureKind.INTERNAL: lambda err, inp: flat_error(500, "Internal Server Error", "internal_server_error"),
+}
 
 
-def job_failure(error: JobError) -> ApiError:
-    """What the result endpoint answers for a job that ended without a result: the original error
-    of the request, replayed (fal's rule), or the error standing for how the job ended."""
-    if isinstance(error.detail, dict) and "status_code" in error.detail:
-        return ApiError(error.detail["status_code"], error.detail["body"], error.detail.get("headers"))
-    if error.kind == "cancelled":
-        return flat_error(400, "Request was cancelled", "request_cancelled")
-    if error.kind == "start_timeout":
-        return start_timed_out()
-    if error.kind == "worker_lost":
-        return flat_error(503, error.message, "runner_disconnected")
-    return flat_error(500, "Internal Server Error", "internal_server_error")
+def job_failure(error: JobError, inp: Mapping[str, Any] | None = None) -> ApiError:
+    """What the result endpoint answers for a job that ended without a result: the error the request
+    would have got had it run synchronously (fal's rule)."""
+    return ANSWERS[error.kind](error, inp)
 
 
 def summary(err: ApiError) -> tuple[str, str | None]:
@@ -82,33 +92,3 @@ def summary(err: ApiError) -> tuple[str, str | None]:
     if isinstance(detail, list) and detail:
         return detail[0].get("msg", ""), detail[0].get("type")
     return str(detail), err.body.get("error_type")
-
-
-def to_fal_error(exc: Exception, *, image_url: str | None = None, prompt: str | None = None) -> ApiError:
-    """Map any failure of a fal request to its fal response."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, ValidationError):
-        return validation_error(exc)
-    if isinstance(exc, ImageDownloadError):
-        return field_error("image_url", str(exc), "file_download_error", image_url)
-    if isinstance(exc, MediaError):
-        return field_error("image_url", str(exc), "image_load_error", image_url)
-    if isinstance(exc, EngineInputError):
-        return field_error("prompt", str(exc), "value_error", prompt)
-    if isinstance(exc, LimitExceeded):
-        adm = exc.admission
-        metrics().rate_limited("fal", exc.owner, adm.reason)
-        if adm.reason == "rate":
-            detail = f"Rate limit exceeded ({adm.limit} requests per minute). Please retry after {adm.retry_after} seconds."
-        else:
-            detail = "Concurrency limit exceeded. Please retry later."
-        return ApiError(429, {"detail": detail}, rate_limit_headers(adm))
-    if isinstance(exc, StartTimeout):
-        return start_timed_out()
-    if isinstance(exc, EngineUnavailable):
-        return flat_error(503, "The model runner is unavailable; try again.", "runner_disconnected")
-    if isinstance(exc, StoreUnavailable):
-        return flat_error(503, "The request queue is unavailable; try again.", "runner_scheduling_failure")
-    log.exception("unexpected error in a fal request")
-    return flat_error(500, "Internal Server Error", "internal_server_error")

@@ -1,4 +1,4 @@
-"""fal `fal-ai/llavav15-13b` wire models (api-spec §2.1, §2.2) and their translation."""
+"""fal `fal-ai/llavav15-13b` wire models (docs/api.md §2.1, §2.2) and their translation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from serve.api.fal.errors import job_failure, summary
 from serve.api.translate import generation_request
 from serve.config import ModelConfig
 from serve.engine.types import Completion, GenerationRequest
-from serve.jobs.models import Job, JobError, JobStatus, LogLine
+from serve.jobs.models import FailureKind, Job, JobError, JobStatus, LogLine
 
 APP_ID = "fal-ai/llavav15-13b"
 MAX_NEW_TOKENS = 2048
@@ -31,7 +31,7 @@ class FalInput(BaseModel):
     top_p: float = Field(1.0, ge=0, le=1, description="Nucleus sampling mass.")
 
     def resolved_max_tokens(self) -> int:
-        # max_new_tokens wins when both are present (api-spec §2.1).
+        # max_new_tokens wins when both are present (docs/api.md §2.1).
         return self.max_new_tokens or self.max_tokens or 64
 
 
@@ -62,12 +62,12 @@ def to_output(text: str, done: Completion) -> FalOutput:
     )
 
 
-# -- the queue API (api-spec §2.5) ---------------------------------------------------------------
+# -- the queue API (docs/api.md §2.5) ---------------------------------------------------------------
 
 _STATUS = {
     JobStatus.QUEUED: "IN_QUEUE",
     JobStatus.RUNNING: "IN_PROGRESS",
-}  # every terminal status is COMPLETED: fal reports failures through the result (api-spec §0 item 6)
+}  # every terminal status is COMPLETED: fal reports failures through the result (docs/api.md §0 item 6)
 
 
 def fal_status(job: Job) -> str:
@@ -112,12 +112,13 @@ def outcome(job: Job) -> tuple[int, dict[str, Any], dict[str, str]]:
     if job.result is not None:
         done = Completion(job.result.num_input_tokens, job.result.num_output_tokens, job.result.finish_reason)
         return 200, to_output(job.result.text, done).model_dump(exclude_none=True), {}
-    err = job_failure(job.error or JobError(kind="internal", message="The request ended without a result."))
+    error = job.error or JobError(kind=FailureKind.INTERNAL, message="The request ended without a result.")
+    err = job_failure(error, job.input)
     return err.status_code, err.body, err.headers
 
 
 def webhook_payload(job: Job) -> dict[str, Any]:
-    """fal's webhook body (api-spec §2.10): the result, or the error the result endpoint replays."""
+    """fal's webhook body (docs/api.md §2.10): the result, or the error the result endpoint replays."""
     code, body, _ = outcome(job)
     ok = code == 200
     return {

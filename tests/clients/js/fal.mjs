@@ -1,4 +1,4 @@
-// Drives the real @fal-ai/client SDK against llava-serve (api-spec §5.2); prints `RESULT <json>` lines.
+// Drives the real @fal-ai/client SDK against llava-serve (docs/api.md §5.2); prints `RESULT <json>` lines.
 // Usage: node fal.mjs <middleware|proxy> <scenario>   env: LLAVA_BASE_URL, FAL_KEY, IMAGE (a data: URI)
 // Expected client errors are caught and recorded; the exit status is non-zero only when something
 // unexpected was thrown (or the scenario ran past its deadline).

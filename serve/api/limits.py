@@ -1,4 +1,6 @@
-"""Per-key limits at the edge: hold a concurrency slot for a sync request, and the 429 headers."""
+"""Per-key limits at the edge: hold a concurrency slot for a sync request, and the limit headers.
+
+The store decides (exactly, across replicas); this module is the HTTP side of its decisions."""
 
 from __future__ import annotations
 
@@ -8,16 +10,8 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from serve.auth import Caller
-from serve.jobs.models import WINDOW_S, Admission
+from serve.jobs.models import WINDOW_S, Admission, LimitExceeded
 from serve.jobs.store import JobStore
-
-
-class LimitExceeded(Exception):
-    """Refused by a limit; nothing was counted. Each API renders it in its own error shape."""
-
-    def __init__(self, admission: Admission, owner: str):
-        super().__init__(admission.reason)
-        self.admission, self.owner = admission, owner
 
 
 def rate_limit_headers(adm: Admission) -> dict[str, str]:

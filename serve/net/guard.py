@@ -1,4 +1,5 @@
-"""SSRF guard: the one place that decides which addresses an image URL may reach.
+"""SSRF guard: the one place that decides which addresses a caller-supplied URL (an image to fetch, a
+webhook to call) may reach.
 
 A host is resolved once, every address it resolves to is checked, and the fetcher then connects to
 the checked address itself, so DNS cannot answer differently between the check and the connection
@@ -12,7 +13,16 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 
-from serve.media.errors import ImageDownloadError
+
+class AddressRefused(Exception):
+    """The host resolves to no address, or to one this server must not connect to. Each user of the guard
+    words it for its caller (an image error, a webhook log line)."""
+
+    def __init__(self, host: str, *, unresolved: bool = False):
+        self.host, self.unresolved = host, unresolved
+        what = "could not be resolved" if unresolved else "points to a non-public address"
+        super().__init__(f"host {host!r} {what}")
+
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -55,11 +65,7 @@ class AddressGuard:
         if host.lower().rstrip(".") not in self._hosts:
             for ip in addresses:
                 if not is_public(ip) and not any(_unmapped(ip) in net for net in self._networks):
-                    raise ImageDownloadError(
-                        f"The image host {host!r} points to a loopback, private, link-local or otherwise non-public "
-                        "address, which this server does not fetch from. Use a publicly reachable URL or "
-                        "send the image inline as a data: URI."
-                    )
+                    raise AddressRefused(host)
         return str(addresses[0])
 
     async def _lookup(self, host: str, port: int) -> list[IPAddress]:
@@ -68,5 +74,5 @@ class AddressGuard:
         except (OSError, UnicodeError, ValueError):
             addresses = []
         if not addresses:
-            raise ImageDownloadError(f"The image host {host!r} could not be resolved; check the URL.")
+            raise AddressRefused(host, unresolved=True)
         return addresses

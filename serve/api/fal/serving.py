@@ -1,0 +1,207 @@
+"""fal's serving layer (docs/api.md §2): sync run, SSE stream, the queue's operations and its jobs.
+
+Routes (routes.py) read the request and call these; the shared core (serve/api/serving.py) owns
+limits, the engine stream's lifetime and jobs. What is fal's here is only its shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncGenerator, AsyncIterator
+
+import httpx
+from fastapi import Response
+from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter, ValidationError
+
+from serve.api.errors import ApiError, answer
+from serve.api.fal.errors import ANSWERS, field_error, flat_error, summary, validation_error
+from serve.api.fal.protocol import (
+    FalInput,
+    outcome,
+    status_body,
+    submitted_body,
+    to_generation_request,
+    to_output,
+    webhook_payload,
+)
+from serve.api.limits import rate_limit_headers
+from serve.api.serving import BuildRequest, accept, complete, generation, open_generation, run_job, send_webhook
+from serve.api.services import Services
+from serve.api.sse import EventStream, event
+from serve.auth import Caller
+from serve.engine.types import StreamItem, TextDelta
+from serve.jobs.models import CancelOutcome, Job, JobResult
+from serve.jobs.runner import LogFn
+from serve.net.pinned import url_problem
+from serve.telemetry.access import RequestContext
+from serve.telemetry.metrics import metrics
+
+_OBJECT = TypeAdapter(dict[str, Any])
+_CANCEL = {
+    CancelOutcome.CANCELLED: (200, "OK"),
+    CancelOutcome.REQUESTED: (202, "CANCELLATION_REQUESTED"),
+    CancelOutcome.ALREADY_DONE: (400, "ALREADY_COMPLETED"),
+    CancelOutcome.NOT_FOUND: (404, "NOT_FOUND"),
+}
+
+
+def parse(body: bytes) -> FalInput:
+    try:
+        return FalInput.model_validate_json(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def _build(services: Services, request_id: str, owner: str, inp: FalInput, *, stream: bool) -> BuildRequest:
+    model = services.config.model
+    return lambda image: to_generation_request(inp, request_id=request_id, owner=owner, image=image, model=model,
+                                               stream=stream)
+
+
+def _failed(exc: Exception, inp: FalInput) -> ApiError:
+    return answer(ANSWERS, exc, {"image_url": inp.image_url, "prompt": inp.prompt})
+
+
+async def run(services: Services, ctx: RequestContext, caller: Caller, inp: FalInput,
+              start_timeout_s: float | None) -> Response:
+    build = _build(services, ctx.request_id, caller.name, inp, stream=False)
+    try:
+        async with generation(services, ctx, caller, inp.image_url, build, stream=False,
+                              start_timeout_s=start_timeout_s) as gen:
+            chunks, done = await complete(gen, ctx, caller)
+    except Exception as exc:
+        raise _failed(exc, inp) from None
+    output = to_output("".join(chunks), done).model_dump(exclude_none=True)
+    return JSONResponse(output, headers=rate_limit_headers(gen.admission))
+
+
+async def stream(services: Services, ctx: RequestContext, caller: Caller, inp: FalInput,
+                 start_timeout_s: float | None) -> Response:
+    """SSE of cumulative output (docs/api.md §2.4). Everything that can fail before the first token
+    answers as a normal JSON error; the concurrency slot is held until the stream ends."""
+    build = _build(services, ctx.request_id, caller.name, inp, stream=True)
+    try:
+        gen, end = await open_generation(services, ctx, caller, inp.image_url, build, stream=True,
+                                         start_timeout_s=start_timeout_s)
+    except Exception as exc:
+        raise _failed(exc, inp) from None
+    events = _output_events(gen.items, inp, ctx, caller)
+    return EventStream(events, headers=rate_limit_headers(gen.admission), cleanup=end)
+
+
+async def _output_events(
+    items: AsyncIterator[StreamItem], inp: FalInput, ctx: RequestContext, caller: Caller
+) -> AsyncGenerator[bytes, None]:
+    text = ""
+    try:
+        async for item in items:
+            if isinstance(item, TextDelta):
+                text += item.text
+                yield event({"output": text, "partial": True})
+            else:
+                metrics().generated(ctx.api, caller.name, item.num_input_tokens, item.num_output_tokens)
+                yield event(to_output(text, item).model_dump(exclude_none=True))
+                return
+        raise RuntimeError("engine stream ended without a completion")
+    except Exception as exc:
+        # Mid-stream failure (docs/api.md §2.4): a final event with what was generated and why it stopped.
+        message, _ = summary(_failed(exc, inp))
+        yield event({"output": text, "partial": False, "error": message})
+
+
+# -- the queue (docs/api.md §2.5) ---------------------------------------------------------------
+
+
+async def submit(services: Services, ctx: RequestContext, caller: Caller, body: bytes, *,
+                 start_timeout_s: float | None, webhook: str | None, queue_root: str) -> Response:
+    # Only an unreadable body is refused here: like fal, a bad input is accepted and the job ends
+    # with the validation error, replayed by the result endpoint.
+    try:
+        inp = _OBJECT.validate_json(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    meta: dict[str, Any] = {}
+    if webhook is not None:
+        try:
+            problem = url_problem(httpx.URL(webhook))
+        except httpx.InvalidURL:
+            problem = "is not a valid URL"
+        if problem:
+            raise field_error("fal_webhook", f"The webhook URL {problem}.", "url_parsing", webhook, where="query")
+        meta["webhook_url"] = webhook
+    job = Job(id=ctx.request_id, owner=caller.name, api="fal", input=inp, meta=meta,
+              max_concurrent=caller.limits.max_concurrent, created_at=0.0, start_timeout_s=start_timeout_s,
+              notify="webhook_url" in meta)
+    # fal's queue never refuses for concurrency (jobs wait their turn); the rate limit applies.
+    admission = await accept(services, ctx, caller, job, cap_pending=False)
+    return JSONResponse(submitted_body(job.id, queue_root, admission.queue_position or 0),
+                        headers=rate_limit_headers(admission))
+
+
+async def _job(services: Services, ctx: RequestContext, caller: Caller, request_id: str, *, brief: bool) -> Job:
+    ctx.request_id = request_id  # the id on the response is the job's
+    job = await services.store.get(request_id, caller.name, brief=brief)  # reads never count against limits
+    if job is None:
+        raise flat_error(404, "Request not found")
+    return job
+
+
+async def status(services: Services, ctx: RequestContext, caller: Caller, request_id: str, *,
+                 queue_root: str, with_logs: bool) -> Response:
+    # Brief: a poll needs neither the input nor the result, and a data: URI input can be megabytes.
+    job = await _job(services, ctx, caller, request_id, brief=True)
+    body = status_body(job, queue_root, with_logs=with_logs)
+    return JSONResponse(body, status_code=200 if job.status.terminal else 202)
+
+
+async def status_stream(services: Services, ctx: RequestContext, caller: Caller, request_id: str, *,
+                        queue_root: str, with_logs: bool) -> Response:
+    """SSE of status objects on every change, each with only the new log lines; ends with COMPLETED."""
+    job = await _job(services, ctx, caller, request_id, brief=True)
+    poll_s = services.config.fal.status_stream_poll_s
+
+    async def events() -> AsyncGenerator[bytes, None]:
+        current, sent, last = job, 0, None
+        while current is not None:
+            seen = (current.status, current.queue_position, len(current.logs))
+            if seen != last:
+                body = status_body(current, queue_root, with_logs=with_logs, logs_from=sent)
+                sent, last = seen[2], seen  # counted before the yield: lines may arrive while it waits
+                yield event(body)
+            if current.status.terminal:
+                return
+            await asyncio.sleep(poll_s)
+            current = await services.store.get(request_id, caller.name, brief=True)
+
+    return EventStream(events())
+
+
+async def result(services: Services, ctx: RequestContext, caller: Caller, request_id: str) -> Response:
+    job = await _job(services, ctx, caller, request_id, brief=False)
+    if not job.status.terminal:
+        raise flat_error(400, "Request is still in progress")  # never 409: Python would retry it 10 times
+    code, body, headers = outcome(job)
+    return JSONResponse(body, status_code=code, headers=headers)
+
+
+async def cancel(services: Services, ctx: RequestContext, caller: Caller, request_id: str) -> Response:
+    ctx.request_id = request_id
+    code, state = _CANCEL[await services.store.cancel(request_id, caller.name)]
+    return JSONResponse({"status": state}, status_code=code)
+
+
+class FalExecutor:
+    """How fal jobs run (the queue's worker side): the same translation as the sync route."""
+
+    def __init__(self, services: Services):
+        self._services = services
+
+    async def run(self, job: Job, log: LogFn) -> JobResult:
+        inp = FalInput.model_validate(job.input)
+        build = _build(self._services, job.id, job.owner, inp, stream=True)
+        return await run_job(self._services, job, inp.image_url, build, log)
+
+    def finished(self, job: Job) -> None:
+        if url := job.meta.get("webhook_url"):
+            send_webhook(self._services, job, url, webhook_payload(job))

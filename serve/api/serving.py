@@ -1,0 +1,109 @@
+"""The serving core every API shares: one place owns a generation's lifetime, one accepts a job, one
+runs a job on the engine. An API's serving module (serve/api/<api>/serving.py) adds only its wire
+shapes; its routes only read the request and call it (docs/architecture.md, "Adding an API").
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+
+from PIL import Image
+
+from serve.api.limits import admitted
+from serve.api.services import Services
+from serve.auth import Caller
+from serve.engine.types import GenerationRequest, StreamItem, collect, started
+from serve.jobs.models import Admission, Job, JobResult, LimitExceeded
+from serve.jobs.runner import LogFn
+from serve.telemetry.access import RequestContext
+from serve.telemetry.metrics import metrics
+
+BuildRequest = Callable[[Image.Image], GenerationRequest]
+
+
+@dataclass(frozen=True)
+class Generation:
+    admission: Admission  # the caller's limit decision (for the rate-limit headers)
+    items: AsyncGenerator[StreamItem, None]  # the engine stream, already started
+
+
+@asynccontextmanager
+async def generation(
+    services: Services, ctx: RequestContext, caller: Caller, image_url: str, build: BuildRequest, *,
+    stream: bool, start_timeout_s: float | None = None,
+) -> AsyncIterator[Generation]:
+    """admit -> concurrency slot -> image -> engine stream started; on every exit path the engine stream
+    is closed (a caller that left aborts the request) and the slot released. The start timeout counts
+    from here; failures before the first token raise here, where they can still be an HTTP error."""
+    arrived = time.monotonic()
+    async with AsyncExitStack() as held:  # exits in reverse: the engine stream closes, then the slot frees
+        with _counting_refusals(ctx, caller):
+            admission = await held.enter_async_context(admitted(services.store, caller, services.config.jobs.lease_s))
+        image = await services.media.load(image_url)
+        left = None if start_timeout_s is None else max(0.0, start_timeout_s - (time.monotonic() - arrived))
+        items = await started(services.engine.generate(build(image)), left)
+        held.push_async_callback(items.aclose)
+        metrics().first_token(ctx.api, "stream" if stream else "sync", time.monotonic() - arrived)
+        yield Generation(admission, items)
+
+
+async def open_generation(*args: Any, **kwargs: Any) -> tuple[Generation, Callable[[], Awaitable[None]]]:
+    """`generation` held open past the route's return (a streamed response): returns it with the
+    callable that ends it, which the response runs however the stream ends."""
+    held = AsyncExitStack()
+    gen = await held.enter_async_context(generation(*args, **kwargs))
+    return gen, held.aclose
+
+
+async def complete(gen: Generation, ctx: RequestContext, caller: Caller) -> tuple[list[str], Any]:
+    """The whole answer of a non-streamed generation: its text chunks and final counts."""
+    chunks, done = await collect(gen.items)
+    metrics().generated(ctx.api, caller.name, done.num_input_tokens, done.num_output_tokens)
+    return chunks, done
+
+
+async def accept(services: Services, ctx: RequestContext, caller: Caller, job: Job, *, cap_pending: bool) -> Admission:
+    """Put a job in the store's queue, counted against the caller's limits (refusals raise LimitExceeded).
+    With `cap_pending`, queued jobs count against the concurrency cap too."""
+    with _counting_refusals(ctx, caller):
+        admission = await services.store.enqueue(job, caller.limits, cap_pending=cap_pending)
+        if not admission.allowed:
+            raise LimitExceeded(admission, caller.name)
+    return admission
+
+
+@contextmanager
+def _counting_refusals(ctx: RequestContext, caller: Caller) -> Iterator[None]:
+    """Counts a limit refusal in the metrics, by API and key, on its way out."""
+    try:
+        yield
+    except LimitExceeded as exc:
+        metrics().rate_limited(ctx.api, caller.name, exc.admission.reason or "")
+        raise
+
+
+async def run_job(services: Services, job: Job, image_url: str, build: BuildRequest, log: LogFn) -> JobResult:
+    """A job's work, whichever API accepted it: fetch the image, generate, log real events."""
+    began = time.monotonic()
+    image = await services.media.load(image_url)
+    await log(f"Image fetched ({image.width}x{image.height})")
+    await log("Generating")
+    items = await started(services.engine.generate(build(image)))
+    metrics().first_token(job.api, "job", time.monotonic() - began)
+    chunks, done = await collect(items)
+    metrics().generated(job.api, job.owner, done.num_input_tokens, done.num_output_tokens)
+    await log(f"Generated {done.num_output_tokens} tokens from {done.num_input_tokens} input tokens")
+    return JobResult(chunks=chunks, num_input_tokens=done.num_input_tokens,
+                     num_output_tokens=done.num_output_tokens, finish_reason=done.finish_reason)
+
+
+def send_webhook(
+    services: Services, job: Job, url: str, payload: dict[str, Any], headers: dict[str, str] | None = None
+) -> None:
+    """Deliver a job's webhook in the background; if this replica stops before the delivery ends,
+    the job goes back to the store's outbox and another runner delivers it."""
+    store = services.store
+    services.webhooks.send(url, payload, headers, on_abandon=lambda: store.renotify(job.id))

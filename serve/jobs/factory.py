@@ -1,0 +1,19 @@
+"""`build_store`: the configured `JobStore` backend (the app's wiring; the backends know nothing of config)."""
+
+from __future__ import annotations
+
+from serve.config import ServeConfig
+from serve.jobs.ray_actor import RayActorBackend
+from serve.jobs.redis_store import RedisBackend
+from serve.jobs.store import JobStore, StoreBackend
+
+
+def build_store(cfg: ServeConfig) -> JobStore:
+    """Every ingress replica of one deployment that calls this reaches the same state."""
+    backend: StoreBackend
+    if cfg.store.backend == "redis":
+        backend = RedisBackend(cfg.store.redis_url, cfg.store.result_ttl_s, cfg.jobs.max_attempts,
+                               prefix=f"llava-serve:{cfg.app_name}")
+    else:
+        backend = RayActorBackend(f"{cfg.app_name}-jobstore", cfg.store.result_ttl_s, cfg.jobs.max_attempts)
+    return JobStore(backend)

@@ -1,0 +1,417 @@
+"""The store's conformance suite: every `StoreBackend` must answer it alike, with an injected clock.
+
+Not collected itself (no test_ prefix): tests/unit/test_memory_store.py runs it on the reference
+MemoryStore, tests/integration/test_store_conformance.py on the Ray actor and Redis. A subclass
+provides the `store` fixture (a JobStore over its backend, on the `clock` fixture). Every test runs
+on the session's one event loop, like the service (one loop per replica).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from serve.jobs.models import CancelOutcome, Job, JobError, JobResult, JobStatus, Limits, Problem
+from tests.conftest import Clock
+
+TTL = 3600.0
+LEASE = 30.0
+
+
+def job(owner="alice", cap=10, **kw) -> Job:
+    return Job(id=str(uuid.uuid4()), owner=owner, api="fal", input={"prompt": "hi"}, max_concurrent=cap,
+               created_at=0.0, **kw)
+
+
+RESULT = JobResult(chunks=["a", "b"], num_input_tokens=600, num_output_tokens=2, finish_reason="length")
+L = Limits(rate_per_minute=5, max_concurrent=2)
+
+
+class StoreConformance:
+    pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+    @pytest.fixture
+    def clock(self) -> Clock:
+        return Clock()
+
+    # -- limits -----------------------------------------------------------------------------------
+
+    async def test_rate_window_is_exact_and_rolling(self, store, clock):
+        for i in range(5):
+            adm = await store.admit("alice", Limits(rate_per_minute=5, max_concurrent=99), LEASE)
+            assert adm.allowed and adm.remaining == 4 - i
+            clock.advance(10)  # admissions at t=0,10,20,30,40
+        refused = await store.admit("alice", Limits(rate_per_minute=5, max_concurrent=99), LEASE)
+        assert not refused.allowed and refused.reason == "rate" and refused.remaining == 0
+        assert refused.retry_after_s == pytest.approx(10.0)  # t=50: the t=0 admission leaves at t=60
+        assert refused.retry_after == 10
+        clock.advance(9.999)
+        assert not (await store.admit("alice", Limits(rate_per_minute=5, max_concurrent=99), LEASE)).allowed
+        clock.advance(0.002)  # just past t=60: exactly one slot in the window freed
+        assert (await store.admit("alice", Limits(rate_per_minute=5, max_concurrent=99), LEASE)).allowed
+        assert not (await store.admit("alice", Limits(rate_per_minute=5, max_concurrent=99), LEASE)).allowed
+
+    async def test_refusals_consume_no_quota_and_keys_are_independent(self, store, clock):
+        limits = Limits(rate_per_minute=2, max_concurrent=99)
+        assert (await store.admit("alice", limits, LEASE)).allowed
+        assert (await store.admit("alice", limits, LEASE)).allowed
+        for _ in range(5):
+            assert not (await store.admit("alice", limits, LEASE)).allowed
+        assert (await store.admit("bob", limits, LEASE)).allowed
+        clock.advance(60.001)
+        assert (await store.admit("alice", limits, LEASE)).allowed  # the refusals did not extend the wait
+
+    async def test_concurrency_cap_and_release(self, store):
+        limits = Limits(rate_per_minute=100, max_concurrent=2)
+        a = await store.admit("alice", limits, LEASE)
+        b = await store.admit("alice", limits, LEASE)
+        assert a.allowed and b.allowed and a.slot != b.slot
+        c = await store.admit("alice", limits, LEASE)
+        assert not c.allowed and c.reason == "concurrency" and c.retry_after >= 1
+        await store.release("alice", a.slot)
+        assert (await store.admit("alice", limits, LEASE)).allowed
+
+    async def test_slots_are_leases(self, store, clock):
+        limits = Limits(rate_per_minute=100, max_concurrent=1)
+        held = await store.admit("alice", limits, lease_s=10)
+        clock.advance(8)
+        assert await store.renew("alice", held.slot, 10)
+        clock.advance(8)
+        assert not (await store.admit("alice", limits, LEASE)).allowed  # renewed: still held
+        clock.advance(10.1)  # the holder died and stopped renewing
+        assert (await store.admit("alice", limits, LEASE)).allowed
+        assert not await store.renew("alice", held.slot, 10)
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    async def test_fifo_queue_positions_and_claim(self, store):
+        jobs = [job(owner) for owner in ("alice", "bob", "alice")]
+        positions = [(await store.enqueue(j, L, cap_pending=False)).queue_position for j in jobs]
+        assert positions == [0, 1, 2]
+        assert (await store.get(jobs[2].id, "alice")).queue_position == 2
+        claimed = await store.claim("r1", LEASE)
+        assert claimed.id == jobs[0].id and claimed.status == JobStatus.RUNNING and claimed.attempts == 1
+        assert (await store.get(jobs[2].id, "alice")).queue_position == 1
+        assert (await store.get(jobs[0].id, "alice")).queue_position is None
+
+    async def test_counts_of_queued_and_running_jobs(self, store):
+        assert await store.counts() == {"queued": 0, "running": 0}
+        jobs = [job(owner) for owner in ("alice", "bob", "carol")]
+        for j in jobs:
+            await store.enqueue(j, L, cap_pending=False)
+        claimed = await store.claim("r1", LEASE)
+        assert await store.counts() == {"queued": 2, "running": 1}
+        await store.finish(claimed.id, "r1", result=RESULT)
+        await store.cancel(jobs[2].id, "carol")
+        assert await store.counts() == {"queued": 1, "running": 0}  # ended jobs are neither
+
+    async def test_claim_skips_owners_at_their_cap(self, store):
+        a1, a2, b1 = job("alice", cap=1), job("alice", cap=1), job("bob", cap=1)
+        for j in (a1, a2, b1):
+            assert (await store.enqueue(j, L, cap_pending=False)).allowed
+        assert (await store.claim("r1", LEASE)).id == a1.id
+        assert (await store.claim("r1", LEASE)).id == b1.id  # a2 waits: alice is at her cap
+        assert await store.claim("r1", LEASE) is None
+        assert await store.finish(a1.id, "r1", result=RESULT)
+        assert (await store.claim("r2", LEASE)).id == a2.id
+
+    async def test_running_jobs_and_sync_requests_share_the_cap(self, store):
+        limits = Limits(rate_per_minute=100, max_concurrent=1)
+        j = job("alice", cap=1)
+        await store.enqueue(j, limits, cap_pending=False)
+        assert (await store.claim("r1", LEASE)).id == j.id
+        assert (await store.admit("alice", limits, LEASE)).reason == "concurrency"
+
+    async def test_cap_pending_counts_queued_jobs(self, store):
+        limits = Limits(rate_per_minute=100, max_concurrent=2)
+        assert (await store.enqueue(job(cap=2), limits, cap_pending=True)).allowed
+        assert (await store.enqueue(job(cap=2), limits, cap_pending=True)).allowed
+        refused = await store.enqueue(job(cap=2), limits, cap_pending=True)
+        assert not refused.allowed and refused.reason == "concurrency"
+        # fal's queue never refuses for concurrency: jobs wait instead.
+        assert (await store.enqueue(job(cap=2), limits, cap_pending=False)).allowed
+
+    async def test_enqueue_counts_against_the_rate(self, store):
+        limits = Limits(rate_per_minute=2, max_concurrent=10)
+        assert (await store.enqueue(job(), limits, cap_pending=False)).allowed
+        assert (await store.admit("alice", limits, LEASE)).allowed
+        refused = await store.enqueue(job(), limits, cap_pending=False)
+        assert not refused.allowed and refused.reason == "rate"
+
+    async def test_finish_logs_and_ownership(self, store, clock):
+        j = job()
+        await store.enqueue(j, L, cap_pending=False)
+        await store.claim("r1", LEASE)
+        await store.log(j.id, "r1", "Image fetched")
+        await store.log(j.id, "r2", "not the runner: ignored")
+        clock.advance(2)
+        assert not await store.finish(j.id, "r2", result=RESULT)  # only the lease holder decides
+        assert await store.finish(j.id, "r1", result=RESULT)
+        done = await store.get(j.id, "alice")
+        assert done.status == JobStatus.SUCCEEDED and done.result.text == "ab"
+        assert [line.message for line in done.logs] == ["Image fetched"]
+        assert done.finished_at == clock.now and done.expires_at == clock.now + TTL
+        assert await store.get(j.id, "mallory") is None  # another key's job does not exist for it
+        assert await store.get("no-such-id", "alice") is None
+
+    async def test_a_brief_read_is_the_job_less_its_input_and_result(self, store, clock):
+        big = job().model_copy(update={"input": {"prompt": "hi", "image_url": "data:image/png;base64," + "A" * 200_000}})
+        await store.enqueue(big, L, cap_pending=False)
+        queued = await store.get(big.id, "alice", brief=True)
+        assert queued.input == {} and queued.status == JobStatus.QUEUED and queued.queue_position == 0
+        await store.claim("r1", LEASE)
+        await store.log(big.id, "r1", "Image fetched")
+        clock.advance(2)
+        await store.finish(big.id, "r1", result=RESULT)
+        full, brief = await store.get(big.id, "alice"), await store.get(big.id, "alice", brief=True)
+        assert full.input == big.input and full.result == RESULT  # the full read is untouched
+        assert brief.input == {} and brief.result is None
+        assert brief == full.model_copy(update={"input": {}, "result": None})  # everything else is the same
+        assert await store.get(big.id, "mallory", brief=True) is None
+
+    async def test_failures_keep_their_error(self, store):
+        j = job()
+        await store.enqueue(j, L, cap_pending=False)
+        await store.claim("r1", LEASE)
+        err = JobError(kind="validation", message="bad input", problems=[
+            Problem(loc=["body", "image_url"], msg="not a URL", type="url_parsing", input=None, ctx={"n": 1.5})])
+        assert await store.finish(j.id, "r1", error=err)
+        failed = await store.get(j.id, "alice")
+        assert failed.status == JobStatus.FAILED and failed.error == err and failed.result is None
+
+    async def test_text_and_numbers_round_trip_exactly(self, store, clock):
+        clock.now = 1_700_000_000.123456  # a real epoch with fractions: no rounding anywhere
+        j = job(notify=True, start_timeout_s=0.1 + 0.2).model_copy(
+            update={"input": {"prompt": "caf\u00e9 \U0001f999 \"quoted\" \\ ]==] \n\t\u2028", "n": None},
+                    "meta": {"webhook": "https://example.com/h?a=1&b=[2]", "empty": {}, "list": []}})
+        await store.enqueue(j, L, cap_pending=False)
+        assert (await store.claim("r\u00e9", LEASE)).id == j.id
+        await store.log(j.id, "r\u00e9", "\u00fcber \U0001f999")
+        logged_at = clock.now
+        clock.advance(0.001)
+        text = JobResult(chunks=["\u00e9", "\U0001f999", " \\\"", ""], num_input_tokens=1, num_output_tokens=3,
+                         finish_reason="stop")
+        assert await store.finish(j.id, "r\u00e9", result=text)
+        done = await store.get(j.id, "alice")
+        assert done.input == j.input and done.meta == j.meta and done.result == text
+        assert done.start_timeout_s == 0.1 + 0.2 and done.finished_at == clock.now
+        assert [line.message for line in done.logs] == ["\u00fcber \U0001f999"]
+        assert done.logs[0].timestamp == logged_at
+
+    async def test_cancel_queued_running_done_and_foreign(self, store):
+        queued, running = job(), job()
+        await store.enqueue(running, L, cap_pending=False)
+        await store.enqueue(queued, L, cap_pending=False)
+        await store.claim("r1", LEASE)
+        assert await store.cancel(queued.id, "mallory") == CancelOutcome.NOT_FOUND
+        assert await store.cancel(queued.id, "alice") == CancelOutcome.CANCELLED
+        assert (await store.get(queued.id, "alice")).status == JobStatus.CANCELLED
+        assert await store.claim("r2", LEASE) is None  # removed from the queue
+        assert await store.cancel(running.id, "alice") == CancelOutcome.REQUESTED
+        assert await store.heartbeat(running.id, "r1", LEASE) is False  # the runner learns it must stop
+        assert await store.finish(running.id, "r1", error=JobError(kind="cancelled", message="Cancelled."))
+        assert (await store.get(running.id, "alice")).status == JobStatus.CANCELLED
+        assert await store.cancel(running.id, "alice") == CancelOutcome.ALREADY_DONE
+        assert await store.cancel("no-such-id", "alice") == CancelOutcome.NOT_FOUND
+
+    async def test_a_lost_worker_is_requeued_once_then_failed(self, store, clock):
+        j, later = job(cap=1), job(cap=1)
+        await store.enqueue(j, L, cap_pending=False)
+        await store.claim("r1", LEASE)
+        await store.enqueue(later, L, cap_pending=False)
+        clock.advance(LEASE - 1)
+        assert await store.heartbeat(j.id, "r1", LEASE)
+        clock.advance(LEASE + 1)  # r1 died: no heartbeat for longer than the lease
+        assert await store.reap() == 1
+        requeued = await store.get(j.id, "alice")
+        assert requeued.status == JobStatus.QUEUED and requeued.queue_position == 0  # ahead of newer work
+        assert "Worker lost" in requeued.logs[-1].message
+        again = await store.claim("r2", LEASE)
+        assert again.id == j.id and again.attempts == 2
+        assert not await store.finish(j.id, "r1", result=RESULT)  # the dead runner's late answer is refused
+        clock.advance(LEASE + 1)
+        await store.reap()
+        lost = await store.get(j.id, "alice")
+        assert lost.status == JobStatus.FAILED and lost.error.kind == "worker_lost"
+        assert (await store.claim("r3", LEASE)).id == later.id  # the slot was freed
+
+    async def test_results_expire_after_the_ttl(self, store, clock):
+        j = job()
+        await store.enqueue(j, L, cap_pending=False)
+        await store.claim("r1", LEASE)
+        await store.finish(j.id, "r1", result=RESULT)
+        clock.advance(TTL - 1)
+        assert await store.get(j.id, "alice") is not None
+        clock.advance(2)
+        await store.reap()
+        assert await store.get(j.id, "alice") is None
+        assert await store.cancel(j.id, "alice") == CancelOutcome.NOT_FOUND
+
+    async def test_a_lapsed_lease_cannot_be_renewed_over_the_cap(self, store, clock):
+        limits = Limits(rate_per_minute=100, max_concurrent=1)
+        late = await store.admit("alice", limits, lease_s=10)
+        clock.advance(10.5)  # the holder missed its renewal: the slot is free
+        assert not await store.renew("alice", late.slot, 10)
+        assert (await store.admit("alice", limits, LEASE)).allowed  # and stays the only one in flight
+        assert (await store.admit("alice", limits, LEASE)).reason == "concurrency"
+
+    async def test_a_late_heartbeat_loses_the_job(self, store, clock):
+        j = job(cap=1)
+        await store.enqueue(j, L, cap_pending=False)
+        await store.claim("r1", LEASE)
+        clock.advance(LEASE + 0.5)
+        assert (await store.admit("alice", Limits(rate_per_minute=100, max_concurrent=1), LEASE)).allowed
+        assert await store.heartbeat(j.id, "r1", LEASE) is False  # not re-taken on top of the new holder
+        assert (await store.admit("alice", Limits(rate_per_minute=100, max_concurrent=1), LEASE)).reason == "concurrency"
+        # The runner stops; its outcome is refused too (it is not cancelled), and reap re-queues the job.
+        assert await store.finish(j.id, "r1", error=JobError(kind="cancelled", message="Cancelled.")) is False
+        await store.reap()
+        assert (await store.get(j.id, "alice")).status == JobStatus.QUEUED
+
+    async def test_lost_jobs_go_back_in_accept_order_ahead_of_newer_work(self, store, clock):
+        lost = [job(), job(), job()]
+        for j in lost:
+            await store.enqueue(j, L, cap_pending=False)
+        for _ in lost:
+            await store.claim("r1", LEASE)
+        newer = job()
+        await store.enqueue(newer, L, cap_pending=False)
+        clock.advance(LEASE + 1)
+        assert await store.reap() == 3
+        order = [(await store.claim("r2", LEASE)).id for _ in range(4)]
+        assert order == [j.id for j in lost] + [newer.id]
+
+    # -- start deadlines (X-Fal-Request-Timeout) ----------------------------------------------------
+
+    async def test_reap_fails_a_queued_job_past_its_start_deadline(self, store, clock):
+        blocker, waiting, later = job(cap=1), job(cap=1, start_timeout_s=10.0), job(cap=1)
+        for j in (blocker, waiting, later):
+            await store.enqueue(j, L, cap_pending=False)
+        assert (await store.get(waiting.id, "alice")).start_timeout_s == 10.0
+        await store.claim("r1", LEASE)  # alice is at her cap: `waiting` stays queued
+        assert (await store.get(later.id, "alice")).queue_position == 1
+        clock.advance(9.999)
+        assert await store.reap() == 0
+        clock.advance(0.001)  # exactly the deadline: no longer startable
+        assert await store.reap() == 1
+        failed = await store.get(waiting.id, "alice")
+        assert failed.status == JobStatus.FAILED and failed.error.kind == "start_timeout"
+        assert failed.started_at is None and failed.attempts == 0 and failed.queue_position is None
+        assert failed.finished_at == clock.now and failed.expires_at == clock.now + TTL
+        assert (await store.get(later.id, "alice")).queue_position == 0  # the rest move up
+        assert await store.cancel(waiting.id, "alice") == CancelOutcome.ALREADY_DONE
+        clock.advance(TTL + 1)
+        await store.reap()
+        assert await store.get(waiting.id, "alice") is None  # forgotten like any other result
+
+    async def test_claim_fails_an_overdue_job_and_claims_the_next(self, store, clock):
+        overdue, fresh = job(start_timeout_s=5.0), job(start_timeout_s=100.0)
+        await store.enqueue(overdue, L, cap_pending=False)
+        await store.enqueue(fresh, L, cap_pending=False)
+        clock.advance(5)
+        assert (await store.claim("r1", LEASE)).id == fresh.id
+        failed = await store.get(overdue.id, "alice")
+        assert failed.status == JobStatus.FAILED and failed.error.kind == "start_timeout"
+        assert await store.claim("r1", LEASE) is None
+        assert await store.reap() == 0  # already failed: reap has nothing left to do
+
+    async def test_a_job_started_in_time_is_unaffected(self, store, clock):
+        j = job(start_timeout_s=5.0)
+        await store.enqueue(j, L, cap_pending=False)
+        clock.advance(4)
+        assert (await store.claim("r1", LEASE)).id == j.id
+        clock.advance(10)
+        assert await store.reap() == 0
+        assert await store.finish(j.id, "r1", result=RESULT)
+        assert (await store.get(j.id, "alice")).status == JobStatus.SUCCEEDED
+
+    async def test_a_requeued_job_has_started_and_does_not_time_out(self, store, clock):
+        j = job(start_timeout_s=5.0)
+        await store.enqueue(j, L, cap_pending=False)
+        assert (await store.claim("r1", LEASE)).id == j.id
+        clock.advance(LEASE + 1)  # r1 died: the job goes back to the queue, long past its start deadline
+        assert await store.reap() == 1
+        assert (await store.get(j.id, "alice")).status == JobStatus.QUEUED
+        assert await store.reap() == 0
+        again = await store.claim("r2", LEASE)
+        assert again.id == j.id and again.attempts == 2
+
+    async def test_no_start_timeout_waits_forever(self, store, clock):
+        blocker, waiting = job(cap=1), job(cap=1)
+        await store.enqueue(blocker, L, cap_pending=False)
+        await store.enqueue(waiting, L, cap_pending=False)
+        await store.claim("r1", LEASE)
+        for _ in range(3):
+            clock.advance(LEASE - 1)
+            assert await store.heartbeat(blocker.id, "r1", LEASE)
+        assert await store.reap() == 0
+        assert (await store.get(waiting.id, "alice")).status == JobStatus.QUEUED
+        assert await store.finish(blocker.id, "r1", result=RESULT)
+        assert (await store.claim("r2", LEASE)).id == waiting.id
+
+    # -- the completion outbox (webhooks) -------------------------------------------------------------
+
+    async def test_every_end_of_a_notify_job_is_handed_out_once_in_order(self, store, clock):
+        ran, cancelled, lost, late = job(notify=True), job(notify=True), job(notify=True), job(notify=True,
+                                                                                                 start_timeout_s=50.0)
+        quiet = job()  # no notify: never announced
+        for j in (ran, quiet, lost):
+            await store.enqueue(j, L, cap_pending=False)
+        assert [(await store.claim("r1", LEASE)).id for _ in range(3)] == [ran.id, quiet.id, lost.id]
+        await store.enqueue(cancelled, L, cap_pending=False)
+        await store.enqueue(late, L, cap_pending=False)
+
+        clock.advance(1)
+        assert await store.finish(ran.id, "r1", result=RESULT)
+        assert await store.finish(quiet.id, "r1", result=RESULT)
+        clock.advance(1)
+        assert await store.cancel(cancelled.id, "alice") == CancelOutcome.CANCELLED
+        clock.advance(LEASE)  # r1 died holding `lost`: re-queued, then lost again at its last attempt
+        assert await store.reap() == 1
+        assert (await store.claim("r2", LEASE)).id == lost.id  # `late` stays queued behind it
+        clock.advance(LEASE + 1)
+        await store.reap()  # fails `lost` (worker lost), then `late` (past its start deadline)
+
+        taken = await store.take_finished(limit=10)
+        assert [j.id for j in taken] == [ran.id, cancelled.id, lost.id, late.id]  # the order they ended
+        assert [(j.status, j.error and j.error.kind) for j in taken] == [
+            (JobStatus.SUCCEEDED, None), (JobStatus.CANCELLED, "cancelled"),
+            (JobStatus.FAILED, "worker_lost"), (JobStatus.FAILED, "start_timeout")]
+        assert taken[0].result.text == "ab" and all(j.notify and j.queue_position is None for j in taken)
+        assert taken[0] == await store.get(ran.id, "alice")  # the terminal record, as `get` returns it
+        assert await store.take_finished() == []  # each is handed out once
+
+    async def test_take_finished_honours_the_limit_and_claims_expiry_notifies_too(self, store, clock):
+        overdue = [job(notify=True, start_timeout_s=5.0) for _ in range(3)]
+        for j in overdue:
+            await store.enqueue(j, L, cap_pending=False)
+        clock.advance(5)
+        assert await store.claim("r1", LEASE) is None  # claim fails them all: the queue is empty
+        first = await store.take_finished(limit=2)
+        assert [j.id for j in first] == [j.id for j in overdue[:2]]  # queue order
+        assert [j.id for j in await store.take_finished(limit=2)] == [overdue[2].id]
+        assert await store.take_finished(limit=2) == []
+
+    async def test_a_forgotten_job_is_skipped(self, store, clock):
+        forgotten, kept = job(notify=True), job(notify=True)
+        await store.enqueue(forgotten, L, cap_pending=False)
+        await store.cancel(forgotten.id, "alice")
+        clock.advance(TTL + 1)
+        await store.reap()  # forgets it before anyone took it
+        await store.enqueue(kept, L, cap_pending=False)
+        await store.cancel(kept.id, "alice")
+        assert [j.id for j in await store.take_finished()] == [kept.id]
+
+    async def test_renotify_offers_an_ended_job_again_and_nothing_else(self, store):
+        ended, waiting = job(notify=True), job()
+        for j in (ended, waiting):
+            await store.enqueue(j, L, cap_pending=False)
+        await store.cancel(ended.id, "alice")
+        assert [j.id for j in await store.take_finished()] == [ended.id]
+        await store.renotify(ended.id)  # its delivery was cut short: offered once more
+        await store.renotify(waiting.id)  # not ended: nothing to announce
+        await store.renotify("no-such-job")
+        again = await store.take_finished()
+        assert [j.id for j in again] == [ended.id] and again[0].status == JobStatus.CANCELLED
+        assert await store.take_finished() == []
