@@ -75,8 +75,15 @@ $(TINY)/config.json: $(STAMP) serve/engine/tiny_model.py
 .PHONY: loadtest bench
 loadtest: install tiny-model
 	$(PY) loadtest/smoke.py $(LOADTEST_ARGS)
-bench: install tiny-model
+bench: install tiny-model redis-server wrk
 	$(PY) loadtest/bench.py $(BENCH_ARGS)
+# The bench's status polls use wrk (a C client: the cores go to the server), Debian's package as root; if
+# that fails the bench polls with httpx instead, so it does not fail the target.
+.PHONY: wrk
+wrk:
+	@command -v wrk >/dev/null || { apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wrk; } || \
+	  echo "wrk could not be installed: make bench polls with httpx"
 
 # Image intake vs vLLM's own loader: bytes -> model-ready image, plus the CLIP processor after it.
 .PHONY: bench-media

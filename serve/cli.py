@@ -1,4 +1,4 @@
-"""`llava-serve run | check | render-k8s | tiny-model`."""
+"""`llava-serve run | check | render-k8s | tiny-model | capacity`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import sys
 import threading
 from pathlib import Path
 
+import yaml
+
+from serve import capacity
 from serve.config import ConfigError, ServeConfig, load_config
 
 
@@ -112,6 +115,39 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_capacity(args: argparse.Namespace) -> int:
+    import json
+
+    config = Path(args.config)
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    # The RayService deploys the production config: check it with that config, or when named.
+    if args.no_k8s:
+        manifest = None
+    elif args.k8s is not None:
+        manifest = Path(args.k8s)
+    else:
+        manifest = capacity.RAYSERVICE if config.resolve() == capacity.PRODUCTION_CONFIG.resolve() else None
+    workload = capacity.Workload(rps=args.rps, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens)
+    try:
+        rayservice = capacity.load_rayservice(manifest) if manifest is not None else None
+        est = capacity.estimate(cfg, workload)
+    except (OSError, ValueError, KeyError, yaml.YAMLError) as exc:
+        print(f"capacity: {exc}", file=sys.stderr)
+        return 1
+    shown = None if manifest is None else str(manifest.relative_to(Path.cwd()) if manifest.is_absolute()
+                                               and manifest.is_relative_to(Path.cwd()) else manifest)
+    problems = capacity.check(cfg, workload, rayservice, est, manifest=shown or "")
+    if args.json:
+        print(json.dumps(capacity.to_json(est, problems, str(config), shown, workload), indent=2))
+    else:
+        print(capacity.render(est, problems, str(config), shown, workload, cfg.model.source))
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llava-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +166,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_tiny_model)
+    d = capacity.DEFAULT_WORKLOAD
+    p = sub.add_parser(
+        "capacity",
+        help="size a deployment from the capacity model and check a config (and k8s/) against it",
+        description="The capacity model of docs/capacity.md. From the L40S's datasheet, LLaVA-1.5-13B's\n"
+        "architecture, the config and a workload: the KV-bound concurrency, the decode-step floor, tokens/s\n"
+        "and requests/s per engine replica, and the GPUs and ingress CPUs the workload needs (from the ingress\n"
+        "costs `make bench` measured). Each figure says whether it is from the datasheet, the config, the\n"
+        "workload, an assumption, a measurement, or computed from those. Exits 1 when the config, or the\n"
+        "RayService that deploys it, disagrees with the model, listing each disagreement.",
+        epilog="example: llava-serve capacity --rps 6 --output-tokens 300\n"
+        "         llava-serve capacity configs/llava-1.5-13b-l40s.yaml --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", default=str(capacity.PRODUCTION_CONFIG.relative_to(Path.cwd()))
+                   if capacity.PRODUCTION_CONFIG.is_relative_to(Path.cwd()) else str(capacity.PRODUCTION_CONFIG),
+                   help="the config to size and check (default: the production config)")
+    p.add_argument("--rps", type=float, default=d.rps, help=f"workload requests per second (default {d.rps:g})")
+    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens,
+                   help=f"text tokens per prompt, template included, besides the 576 image tokens "
+                   f"(default {d.prompt_tokens})")
+    p.add_argument("--output-tokens", type=int, default=d.output_tokens,
+                   help=f"output tokens per request (default {d.output_tokens})")
+    p.add_argument("--k8s", metavar="MANIFEST", help="the RayService to check as well (default: "
+                   "k8s/rayservice.yaml when CONFIG is the production config it is rendered from)")
+    p.add_argument("--no-k8s", action="store_true", help="check the config only")
+    p.add_argument("--json", action="store_true", help="print the figures and problems as JSON")
+    p.set_defaults(func=_cmd_capacity)
     args = parser.parse_args(argv)
     return args.func(args)
 

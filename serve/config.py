@@ -136,6 +136,15 @@ class DeploymentConfig(_Strict):
         return opts
 
 
+class EngineDeploymentConfig(DeploymentConfig):
+    max_waiting_requests: int = Field(
+        64, ge=0, description="Requests one engine replica takes beyond a full batch (engine.max_num_seqs). They "
+        "wait in vLLM's own scheduler, which prepares their images while the batch decodes and starts each the "
+        "moment a sequence ends; requests beyond max_num_seqs + this wait in Serve's router instead, bounded by "
+        "ingress.max_ongoing_requests per ingress replica (docs/architecture.md, \"Where requests wait\").",
+    )
+
+
 class IngressConfig(DeploymentConfig):
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per ingress replica.")
     max_ongoing_requests: int = Field(
@@ -260,8 +269,14 @@ class JobsConfig(_Strict):
         "heartbeat (sent every third of it); work of a replica that died is recovered after this."
     )
     max_attempts: int = Field(2, ge=1, description="Runs of a job whose runner died: 2 = re-queued once, then failed.")
-    runner_poll_interval_s: float = Field(0.05, gt=0, description="How often an idle job runner looks for work.")
-    runner_max_parallel: int = Field(32, gt=0, description="Jobs one ingress replica runs at once.")
+    runner_retry_s: float = Field(
+        0.25, gt=0, description="How long a job runner waits after a store error before it tries again. An idle "
+        "runner does not poll: it waits for the store to announce claimable work (or the next reap)."
+    )
+    runner_max_parallel: int = Field(
+        64, gt=0, description="Jobs one ingress replica runs at once (claimed from the store, waiting in the engine "
+        "replica beyond its batch: engine_deployment.max_waiting_requests)."
+    )
     reap_interval_s: float = Field(
         1.0, gt=0, description="How often a runner recovers expired leases and results, and hands jobs the store "
         "ended itself (cancelled in the queue, timed out, worker lost) to their webhooks."
@@ -303,6 +318,11 @@ class TelemetryConfig(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Level of the service's JSON logs (one access line per request at INFO)."
     )
+    log_polls: bool = Field(
+        False, description="Write an access line for every successful status poll (fal status, Eachlabs get) too. "
+        "Off by default: a queue client polls every 0.1 s, so polls would drown the other lines (and cost each "
+        "poll a log write); they are counted in llava_requests_total either way, and failed polls are logged."
+    )
     metrics_report_interval_s: float = Field(
         10.0, gt=0, description="How often each process reports its metrics to the node's Ray metrics agent "
         "(local Ray started by `llava-serve run`; on KubeRay set by the cluster's own system config)."
@@ -322,8 +342,8 @@ class ServeConfig(_Strict):
     app_name: str = Field("llava", description="Ray Serve application name.")
     model: ModelConfig = Field(description="The model and its prompt template.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
-    engine_deployment: DeploymentConfig = Field(
-        default_factory=DeploymentConfig, description="Replicas and resources of the engine (LLMServer) deployment."
+    engine_deployment: EngineDeploymentConfig = Field(
+        default_factory=EngineDeploymentConfig, description="Replicas and resources of the engine (LLMServer) deployment."
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="The HTTP ingress deployment.")
     http: HttpConfig = Field(default_factory=HttpConfig, description="Where the Serve HTTP proxy listens.")
@@ -349,8 +369,8 @@ class ServeConfig(_Strict):
 
     @model_validator(mode="after")
     def _engine_scales_before_its_batch_is_full(self) -> ServeConfig:
-        # An engine replica holds at most max_num_seqs requests (engine_max_ongoing_requests); a target above
-        # that is only reached by requests waiting in Serve's router, so replicas would be added too late.
+        # An engine replica batches at most max_num_seqs requests; a target above that is only reached by
+        # requests waiting for a place in the batch, so replicas would be added too late.
         scaling = self.engine_deployment.autoscaling
         if scaling is not None and scaling.target_ongoing_requests > self.engine.max_num_seqs:
             raise ValueError(
@@ -360,9 +380,10 @@ class ServeConfig(_Strict):
         return self
 
     def engine_max_ongoing_requests(self) -> int:
-        # A full batch, not Ray's default of 5: every request the engine can batch must reach it,
-        # the rest wait in Serve's router where autoscaling can see them.
-        return self.engine.max_num_seqs
+        # A full batch and a queue in vLLM, not Ray's default of 5: a request waiting in Serve's router is
+        # retried with backoff (up to 0.5 s), so a freed sequence would sit idle until a retry came round;
+        # waiting in vLLM's scheduler it starts at once (docs/architecture.md, "Where requests wait").
+        return self.engine.max_num_seqs + self.engine_deployment.max_waiting_requests
 
 
 class ConfigError(ValueError):

@@ -78,7 +78,8 @@ def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
         expose_headers=["x-fal-request-id", "retry-after", "x-ratelimit-limit", "x-ratelimit-remaining",
                         "x-ratelimit-reset", "ratelimit", "ratelimit-policy"],
     )
-    app.add_middleware(RequestContextMiddleware)  # every request's id, API, operation and key (telemetry)
+    # Every request's id, API, operation and key (telemetry); polls unlogged unless asked (the default).
+    app.add_middleware(RequestContextMiddleware, log_polls=services.config.telemetry.log_polls)
     return app
 
 

@@ -8,6 +8,8 @@ on the session's one event loop, like the service (one loop per replica).
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 
 import pytest
@@ -415,3 +417,37 @@ class StoreConformance:
         again = await store.take_finished()
         assert [j.id for j in again] == [ended.id] and again[0].status == JobStatus.CANCELLED
         assert await store.take_finished() == []
+
+    # -- waiting for work -------------------------------------------------------------------------
+
+    async def test_an_idle_wait_ends_at_its_timeout_with_the_counter_unchanged(self, store):
+        seen = await store.wait_for_work(-1, 5.0)  # differs from -1: at once
+        started = time.monotonic()
+        assert await store.wait_for_work(seen, 0.3) == seen
+        assert time.monotonic() - started >= 0.25
+
+    async def test_a_queued_job_wakes_a_waiting_runner_at_once(self, store):
+        seen = await store.wait_for_work(-1, 5.0)
+        waiter = asyncio.create_task(store.wait_for_work(seen, 10.0))
+        await asyncio.sleep(0.2)
+        assert not waiter.done()
+        started = time.monotonic()
+        await store.enqueue(job(), L, cap_pending=False)
+        assert await asyncio.wait_for(waiter, 5.0) != seen
+        assert time.monotonic() - started < 1.0
+
+    async def test_a_freed_slot_moves_the_counter_only_while_jobs_wait(self, store):
+        capped = Limits(rate_per_minute=100, max_concurrent=1)
+        held = await store.admit("alice", capped, LEASE)
+        seen = await store.wait_for_work(-1, 5.0)
+        await store.release("alice", held.slot)  # nothing queued: nothing to wake anyone for
+        assert await store.wait_for_work(seen, 0.1) == seen
+        held = await store.admit("alice", capped, LEASE)
+        await store.enqueue(job(cap=1), capped, cap_pending=False)  # waits for alice's slot
+        seen = await store.wait_for_work(-1, 5.0)
+        assert await store.claim("r1", LEASE) is None
+        waiter = asyncio.create_task(store.wait_for_work(seen, 10.0))
+        await asyncio.sleep(0.1)
+        await store.release("alice", held.slot)
+        assert await asyncio.wait_for(waiter, 5.0) != seen
+        assert await store.claim("r1", LEASE) is not None

@@ -48,8 +48,8 @@ def operation(name: str) -> Callable[[Request], Coroutine[Any, Any, None]]:
 class RequestContextMiddleware:
     """Outermost: creates the context, and records the request (access line, metrics) when it ends."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
+    def __init__(self, app: ASGIApp, log_polls: bool = True):
+        self.app, self.log_polls = app, log_polls
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNTRACKED:
@@ -71,4 +71,4 @@ class RequestContextMiddleware:
                 status = 499  # the client left before an answer (nginx's code for it)
             raise
         finally:
-            access.record(ctx, scope["method"], scope["path"], status, first_byte)
+            access.record(ctx, scope["method"], scope["path"], status, first_byte, self.log_polls)

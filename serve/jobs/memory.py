@@ -1,13 +1,15 @@
 """`MemoryStore`: the reference semantics of `StoreBackend`, in one process.
 
-Every operation runs to its end without awaiting anything, so each is one atomic step on its event
-loop; the Redis backend's Lua scripts follow this logic step by step (their tests run both in
+Every operation but `wait_for_work` (which changes nothing) runs to its end without awaiting anything,
+so each is one atomic step on its event loop; the Redis backend's Lua scripts follow this logic step by step (their tests run both in
 lockstep). In-process it serves unit tests and tools; inside a Ray actor (`serve.jobs.ray_actor`) it
 is the embedded default shared by every replica.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import OrderedDict, deque
 
 from serve.jobs.models import (
@@ -39,6 +41,25 @@ class MemoryStore:
         self._windows: dict[str, deque[float]] = {}  # owner -> admission times in the window
         self._slots: dict[str, dict[str, float]] = {}  # owner -> slot id -> lease expiry
         self._finished: deque[str] = deque()  # the outbox: ended notify jobs not yet handed out, FIFO
+        self._work = 0  # moves when queued work may have become claimable (wait_for_work)
+        self._woken: asyncio.Event | None = None  # set (and dropped) when it moves; made by a waiter
+
+    def _announce(self) -> None:
+        """Queued work may be claimable now: wake the runners waiting for it."""
+        if not self._queue:
+            return
+        self._work += 1
+        if self._woken is not None:
+            self._woken.set()
+            self._woken = None
+
+    async def wait_for_work(self, seen: int, timeout_s: float, now: float) -> int:
+        if self._work == seen:
+            if self._woken is None:
+                self._woken = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), timeout_s)
+        return self._work
 
     # -- limits ---------------------------------------------------------------------------
 
@@ -84,6 +105,7 @@ class MemoryStore:
 
     async def release(self, owner: str, slot: str, now: float) -> None:
         self._slots.get(owner, {}).pop(slot, None)
+        self._announce()
 
     # -- jobs -----------------------------------------------------------------------------
 
@@ -94,6 +116,7 @@ class MemoryStore:
             self._jobs[job.id] = job.model_copy(update={"status": JobStatus.QUEUED, "created_at": now})
             self._queue[job.id] = None
             decision.queue_position = len(self._queue) - 1
+            self._announce()
         return decision
 
     def _visible(self, job_id: str, owner: str, now: float) -> Job | None:
@@ -194,6 +217,7 @@ class MemoryStore:
                     job.logs.append(LogLine(timestamp=now, message=REQUEUED))
                     self._queue[job.id] = None
                     self._queue.move_to_end(job.id, last=False)
+                    self._announce()
                 else:
                     self._terminate(job, JobStatus.FAILED, now, error=WORKER_LOST)
             elif job.expires_at is not None and job.expires_at <= now:
@@ -209,6 +233,7 @@ class MemoryStore:
         job.finished_at, job.expires_at = now, now + self._ttl
         if job.notify:  # every way a job ends comes through here: none goes unannounced
             self._finished.append(job.id)
+        self._announce()  # its slot is free
 
     async def take_finished(self, limit: int, now: float) -> list[Job]:
         taken = [self._finished.popleft() for _ in range(min(limit, len(self._finished)))]

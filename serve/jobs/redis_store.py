@@ -21,6 +21,8 @@ Keys, all under `<prefix>:`
   window:<owner>  zset unique sequence number -> admission time (the rolling rate window)
   slots:<owner>   zset slot id (or running job id) -> lease expiry (the concurrency cap)
   seq             counter: window members, queue order, accept order
+  work            counter moved (and PUBLISHed on the channel of the same name) whenever queued work may
+                  have become claimable: what idle runners wait on (`wait_for_work`)
 
 The logic expires things by `now`; Redis TTLs are only a safety net for leftovers, set well past the
 logical expiry. Scripts build key names from the prefix, so this needs one Redis (not Redis Cluster).
@@ -28,10 +30,12 @@ logical expiry. Scripts build key names from the prefix, so this needs one Redis
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -101,6 +105,12 @@ local function prune_slots(owner, now)
   local slots = key('slots', owner)
   redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
   return slots
+end
+
+-- MemoryStore._announce: queued work may be claimable now; wake the runners waiting for it.
+local function announce()
+  if redis.call('ZCARD', key('queue')) == 0 then return end
+  redis.call('PUBLISH', key('work'), redis.call('INCR', key('work')))
 end
 
 -- Takes or extends a lease; the key outlives its longest lease.
@@ -200,6 +210,7 @@ local function terminate(id, status, now, ttl, result, err)
   expire_after(key('logs', id), now + ttl, now)
   -- Every way a job ends comes through here: none goes unannounced.
   if redis.call('HGET', job, 'notify') == 'true' then redis.call('RPUSH', key('finished'), id) end
+  announce()  -- its slot is free
 end
 
 -- MemoryStore._expire_unstarted: fail the queued jobs not started by their deadline.
@@ -261,17 +272,22 @@ class RedisBackend:
         self._prefix = prefix
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        self._pubsub: PubSub | None = None  # subscribed to the work channel by the first wait
+        self._waiting = asyncio.Lock()  # one reader of the subscription at a time
 
-    async def _run(self, script: str, **arguments: Any) -> Any:
+    def _redis(self) -> Redis:
         # Made on first use, in the running loop: a client's connections belong to the loop that
         # opened them (the service has one loop per replica; the tests run on one session loop).
         if self._client is None:
             # No retries: a script whose reply was lost may have run, and running it again would
             # apply it twice (two slots, two claims). The caller gets StoreUnavailable instead.
             self._client = Redis.from_url(self._url, decode_responses=True, retry=Retry(NoBackoff(), 0))
+        return self._client
+
+    async def _run(self, script: str, **arguments: Any) -> Any:
         if script not in self._scripts:
             # EVALSHA; the script is loaded on the first NOSCRIPT (a new or restarted server).
-            self._scripts[script] = self._client.register_script(_PRELUDE + script)
+            self._scripts[script] = self._redis().register_script(_PRELUDE + script)
         table = json.dumps({name: v for name, v in arguments.items() if v is not None},
                            ensure_ascii=False, allow_nan=False)
         try:
@@ -280,6 +296,9 @@ class RedisBackend:
             raise StoreUnavailable(f"Redis job store unavailable: {type(exc).__name__}: {exc}") from exc
 
     async def aclose(self) -> None:
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+            self._pubsub = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -315,6 +334,7 @@ return 1
 
     _RELEASE = """
 redis.call('ZREM', key('slots', args.owner), args.slot)
+announce()
 """
 
     async def release(self, owner: str, slot: str, now: float) -> None:
@@ -340,6 +360,7 @@ if d.allowed then
   redis.call('SADD', key('queued', owner), id)
   if args.start_timeout_s then redis.call('ZADD', key('deadlines'), now + args.start_timeout_s, id) end
   d.queue_position = redis.call('ZCARD', key('queue')) - 1
+  announce()
 end
 return fields(d)
 """
@@ -472,6 +493,7 @@ for _, id in ipairs(lost) do
     local first = redis.call('ZRANGE', key('queue'), 0, 0, 'WITHSCORES')[2]
     redis.call('ZADD', key('queue'), first and tonumber(first) - 1 or 0, id)
     redis.call('SADD', key('queued', owner), id)
+    announce()
   else
     terminate(id, 'failed', now, ttl, nil, WORKER_LOST)
   end
@@ -518,3 +540,27 @@ return {redis.call('ZCARD', key('queue')), redis.call('ZCARD', key('running'))}
     async def counts(self, now: float) -> dict[str, int]:
         queued, running = await self._run(self._COUNTS)
         return {"queued": int(queued), "running": int(running)}
+
+    # -- waiting for work -----------------------------------------------------------------
+
+    async def wait_for_work(self, seen: int, timeout_s: float, now: float) -> int:
+        channel = f"{self._prefix}:work"
+        try:
+            async with self._waiting:
+                if self._pubsub is None:
+                    self._pubsub = self._redis().pubsub(ignore_subscribe_messages=True)
+                    await self._pubsub.subscribe(channel)  # before reading the counter: no move is missed
+                current = int(await self._redis().get(channel) or 0)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + timeout_s
+                # Any message means a move (an earlier one only wakes us once too often); get_message also
+                # answers None at once for the subscription's own confirmation.
+                while current == seen and (left := deadline - loop.time()) > 0:
+                    if await self._pubsub.get_message(timeout=left) is not None:
+                        current = int(await self._redis().get(channel) or 0)
+                return current
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if self._pubsub is not None:
+                await self._pubsub.aclose()  # subscribed anew on the next wait
+                self._pubsub = None
+            raise StoreUnavailable(f"Redis job store unavailable: {type(exc).__name__}: {exc}") from exc

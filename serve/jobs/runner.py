@@ -107,7 +107,7 @@ class JobRunner:
                         self._id, len(abandoned), drain_s, ", ".join(abandoned))
 
     async def _loop(self) -> None:
-        next_reap = 0.0
+        next_reap, seen = 0.0, -1
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             try:
@@ -116,16 +116,30 @@ class JobRunner:
                     next_reap = loop.time() + self._cfg.reap_interval_s
                     await self._announce()
                     metrics().job_counts(**await self._store.counts())
-                job = None
                 if len(self._active) < self._cfg.runner_max_parallel and not self._stopping.is_set():
                     job = await self._store.claim(self._id, self._cfg.lease_s)
-                if job is not None:
-                    self._active[job.id] = loop.create_task(self._run(job))
-                    continue  # there may be more work: claim again at once (unless stopping)
+                    if job is not None:
+                        self._active[job.id] = loop.create_task(self._run(job))
+                        continue  # there may be more work: claim again at once (unless stopping)
+                # Idle, or full: sleep until the store says work may be claimable (a job queued, a slot
+                # freed: ours too), the next reap, or the stop; no polling while nothing happens.
+                seen = await self._idle(seen, max(0.0, next_reap - loop.time()))
             except Exception:
                 log.exception("job runner: store unavailable; retrying")
-            with contextlib.suppress(asyncio.TimeoutError):  # idle: poll again, or end at once when stopping
-                await asyncio.wait_for(self._stopping.wait(), self._cfg.runner_poll_interval_s)
+                with contextlib.suppress(asyncio.TimeoutError):  # or end at once when stopping
+                    await asyncio.wait_for(self._stopping.wait(), self._cfg.runner_retry_s)
+
+    async def _idle(self, seen: int, timeout_s: float) -> int:
+        waiting = asyncio.ensure_future(self._store.wait_for_work(seen, timeout_s))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        done, _ = await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if waiting not in done:  # stopping: the wait is no longer wanted
+            waiting.cancel()
+            await asyncio.gather(waiting, stopping, return_exceptions=True)
+            return seen
+        await asyncio.gather(stopping, return_exceptions=True)
+        return waiting.result()  # a store error raises here, for the loop to retry
 
     async def _announce(self) -> None:
         """Hand the ended notify jobs to their executors; a taken job is never offered again."""

@@ -74,6 +74,11 @@ class StoreBackend(Protocol):
     async def counts(self, now: float) -> dict[str, int]:
         """Jobs queued and running, all owners (for the metrics)."""
 
+    async def wait_for_work(self, seen: int, timeout_s: float, now: float) -> int:
+        """The store's work counter, once it differs from `seen`, or after `timeout_s`. It moves whenever
+        queued work may have become claimable (a job queued or re-queued, or a slot freed while jobs
+        wait): idle runners wait here instead of polling `claim` (the only operation that awaits)."""
+
 
 # The operations' names, in the order above (the backends' conformance test walks them).
 STORE_OPERATIONS: tuple[str, ...] = tuple(
@@ -130,3 +135,6 @@ class JobStore:
 
     async def counts(self) -> dict[str, int]:
         return await self._backend.counts(self._clock())
+
+    async def wait_for_work(self, seen: int, timeout_s: float) -> int:
+        return await self._backend.wait_for_work(seen, timeout_s, self._clock())

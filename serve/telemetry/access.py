@@ -58,10 +58,17 @@ def configure_logging(level: str = "INFO") -> None:
         logger.propagate = False
 
 
-def record(ctx: RequestContext, method: str, path: str, status: int, first_byte: float | None) -> None:
+# What clients repeat while they wait for a job: counted in the metrics, logged only when asked or failed.
+POLLS = frozenset({"status", "get"})
+
+
+def record(ctx: RequestContext, method: str, path: str, status: int, first_byte: float | None,
+           log_polls: bool = True) -> None:
     """The request's access line and metrics, from its context (serve/api/context.py)."""
     seconds = time.monotonic() - ctx.started
     metrics().request_finished(ctx.api, ctx.operation, status, seconds, in_flight=ctx.counted)
+    if ctx.operation in POLLS and status < 400 and not log_polls:
+        return
     log.info("request", extra={"fields": {
         "request_id": ctx.request_id, "key": ctx.key_name, "api": ctx.api, "route": ctx.operation,
         "method": method, "path": path, "status": status, "duration_ms": round(1000 * seconds, 1),

@@ -103,7 +103,7 @@ async def test_an_unreachable_redis_is_store_unavailable():
 
 
 OPS = ["admit", "renew", "release", "enqueue", "enqueue", "get", "claim", "claim", "heartbeat", "log", "finish",
-       "cancel", "reap", "take_finished", "renotify", "counts"]
+       "cancel", "reap", "take_finished", "renotify", "counts", "wait_for_work"]
 
 
 def random_call(rng: random.Random, now: float, slots: list[tuple[str, str]], jobs: list[str]) -> tuple[str, tuple]:
@@ -136,6 +136,8 @@ def random_call(rng: random.Random, now: float, slots: list[tuple[str, str]], jo
         "log": ("log", (job_id, runner, f"line at {now}", now)),
         "take_finished": ("take_finished", (rng.randint(1, 3), now)), "renotify": ("renotify", (job_id, now)),
         "counts": ("counts", (now,)),
+        # Never equal to -1: answers the work counter at once, which must move alike in both stores.
+        "wait_for_work": ("wait_for_work", (-1, 0.0, now)),
     }.get(op, ("reap", (now,)))
 
 

@@ -19,9 +19,10 @@ def test_shipped_configs_load_with_resolved_paths():
     assert prod.engine_deployment.num_gpus == 1
 
 
-def test_engine_ongoing_requests_follow_max_num_seqs():
+def test_engine_ongoing_requests_are_a_full_batch_and_vllms_queue():
     prod = load_config(CONFIGS / "llava-1.5-13b-l40s.yaml", env={})
-    assert prod.engine_max_ongoing_requests() == prod.engine.max_num_seqs == 24
+    assert prod.engine.max_num_seqs == 20 and prod.engine_deployment.max_waiting_requests == 64
+    assert prod.engine_max_ongoing_requests() == 20 + 64
 
 
 def test_env_overrides_port_host_and_keys_file(tmp_path, monkeypatch):

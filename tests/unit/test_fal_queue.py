@@ -23,7 +23,7 @@ from tests.fakes import FakeEngine, SlowEngine, make_services
 
 APP = "/fal-ai/llavav15-13b"
 AUTH = {"Authorization": f"Key {LOCAL_KEY}"}
-FAST = JobsConfig(lease_s=3.0, runner_poll_interval_s=0.01, reap_interval_s=0.1)
+FAST = JobsConfig(lease_s=3.0, runner_retry_s=0.01, reap_interval_s=0.1)
 
 
 def body(**kw):

@@ -13,7 +13,7 @@ from serve.jobs.runner import JobRunner, drain_budget_s
 from tests.conftest import data_uri
 from tests.fakes import FakeEngine, SlowEngine, make_services
 
-FAST = JobsConfig(lease_s=3.0, runner_poll_interval_s=0.01, reap_interval_s=0.1)
+FAST = JobsConfig(lease_s=3.0, runner_retry_s=0.01, reap_interval_s=0.1)
 
 
 def fal_job(owner="alice", cap=10, **inp) -> Job:
@@ -222,7 +222,7 @@ def test_stop_lets_a_running_job_finish_within_the_bound_and_claims_nothing_more
         await store.enqueue(queued, limits, cap_pending=False)
         await stopping
         took = asyncio.get_running_loop().time() - started
-        await asyncio.sleep(5 * FAST.runner_poll_interval_s)  # the loop is gone: the queued job stays queued
+        await asyncio.sleep(5 * FAST.runner_retry_s)  # the loop is gone: the queued job stays queued
         return took, await store.get(running.id, "alice"), await store.get(queued.id, "alice")
 
     took, done, queued = draining(engine, FAST, body)

@@ -18,6 +18,9 @@ FORBIDDEN = {
     "serve.net": ("serve.api", "serve.jobs", "serve.media", "serve.auth", "serve.ingress", "serve.app"),
     "serve.telemetry": ("serve.api", "serve.jobs", "serve.auth", "serve.ingress", "serve.app"),
     "serve.config": ("serve.api", "serve.jobs", "serve.auth", "serve.engine", "serve.media", "serve.ingress"),
+    # The capacity model is arithmetic on the config: it runs without Ray, vLLM or the service.
+    "serve.capacity": ("serve.api", "serve.jobs", "serve.auth", "serve.engine", "serve.media", "serve.net",
+                       "serve.telemetry", "serve.webhooks", "serve.ingress", "serve.app", "serve.k8s", "serve.cli"),
 }
 
 

@@ -23,6 +23,14 @@ def client():
     return TestClient(create_app(make_services(FakeEngine())))
 
 
+@pytest.fixture
+def logging_polls():
+    services = make_services(FakeEngine())
+    telemetry = services.config.telemetry.model_copy(update={"log_polls": True})
+    services.config = services.config.model_copy(update={"telemetry": telemetry})
+    return TestClient(create_app(services))
+
+
 def lines(caplog) -> list[dict]:
     return [r.fields for r in caplog.records if r.name == "llava_serve.access"]
 
@@ -43,7 +51,8 @@ def test_one_access_line_per_request_with_the_request_id_and_key_name(client, ca
     assert all(LOCAL_KEY not in json.dumps(line) for line in lines(caplog))
 
 
-def test_eachlabs_lines_use_the_prediction_id(client, caplog):
+def test_eachlabs_lines_use_the_prediction_id(logging_polls, caplog):
+    client = logging_polls
     caplog.set_level(logging.INFO, logger="llava_serve.access")
     each = {"X-API-Key": "local-each-key"}
     created = client.post("/v1/prediction/", headers=each, json={
@@ -54,7 +63,8 @@ def test_eachlabs_lines_use_the_prediction_id(client, caplog):
     assert (create["route"], get["route"], create["key"]) == ("create", "get", "local-eachlabs")
 
 
-def test_queue_routes_are_named_by_operation(client, caplog):
+def test_queue_routes_are_named_by_operation(logging_polls, caplog):
+    client = logging_polls
     caplog.set_level(logging.INFO, logger="llava_serve.access")
     sub = client.post("/queue/fal-ai/llavav15-13b", json={"prompt": "hi", "image_url": data_uri()}, headers=AUTH)
     rid = sub.json()["request_id"]
@@ -62,6 +72,21 @@ def test_queue_routes_are_named_by_operation(client, caplog):
     client.put(f"/queue/fal-ai/llavav15-13b/requests/{rid}/cancel", headers=AUTH)
     assert [(line["route"], line["request_id"]) for line in lines(caplog)] == [
         ("submit", rid), ("status", rid), ("cancel", rid)]
+
+
+def test_polls_are_not_logged_one_by_one_unless_they_fail(client, caplog):
+    caplog.set_level(logging.INFO, logger="llava_serve.access")
+    sub = client.post("/queue/fal-ai/llavav15-13b", json={"prompt": "hi", "image_url": data_uri()}, headers=AUTH)
+    rid = sub.json()["request_id"]
+    for _ in range(3):
+        assert client.get(f"/queue/fal-ai/llavav15-13b/requests/{rid}/status", headers=AUTH).status_code in (200, 202)
+    assert client.get("/queue/fal-ai/llavav15-13b/requests/nope/status", headers=AUTH).status_code == 404
+    each = {"X-API-Key": "local-each-key"}
+    created = client.post("/v1/prediction/", headers=each, json={
+        "model": "llava-13b", "input": {"image": data_uri(), "prompt": "hi"}}).json()
+    assert client.get(f"/v1/prediction/{created['predictionID']}", headers=each).status_code == 200
+    assert [(line["route"], line["status"]) for line in lines(caplog)] == [
+        ("submit", 200), ("status", 404), ("create", 200)]
 
 
 def test_json_formatter_writes_one_object_per_line():
