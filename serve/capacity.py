@@ -136,12 +136,13 @@ class Measurement(NamedTuple):
 # (better, from the production layout on production CPUs, which are likely faster).
 MEASURED: dict[str, Measurement] = {
     "sync_request_cpu_s": Measurement(
-        0.010, "CPU-s", "ingress CPU of one fal sync request (8 tokens, 16x16 image), embedded default layout: "
-        "`make bench`, 2-core CPU box"),
+        0.0095, "CPU-s", "ingress CPU of one fal sync request (64 tokens, a unique 640x480-1024x768 JPEG), "
+        "HAProxy + Redis, c=10: `make bench --unique-images`, 7.75-9.5 ms in two runs, 2-core CPU box"),
     "status_poll_cpu_s": Measurement(
-        0.0010, "CPU-s", "ingress CPU of one fal status poll, HAProxy + Redis: `make bench`, 2-core CPU box"),
+        0.00047, "CPU-s", "ingress CPU of one fal status poll, HAProxy + Redis: `make bench`, 0.43-0.47 ms in two "
+        "runs, 2-core CPU box"),
     "polls_per_request": Measurement(
-        10, "polls", "status polls a queue client made per request (every 0.1 s, so ~1 s jobs): `make bench`, "
+        4, "polls", "status polls a queue client made per request at c=10 (every 0.1 s, ~0.4 s jobs): `make bench`, "
         "2-core CPU box"),
 }
 

@@ -10,7 +10,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from serve.config import ServeConfig
-from serve.engine.types import EngineUnavailable, GenerationRequest, ServedEngine, StreamItem, coalesce
+from serve.engine.types import Completion, EngineUnavailable, GenerationRequest, ServedEngine, StreamItem, coalesce
 
 EngineFactory = Callable[[ServeConfig], ServedEngine]
 
@@ -63,6 +63,9 @@ class HandleEngine:
         finished = False
         try:
             async for item in response:
+                # The completion is the stream's last item: a consumer that stops at it (collect does) ends
+                # a finished call, which must not cost a cancellation round trip to the replica.
+                finished = isinstance(item, Completion)
                 yield item
             finished = True
         except RayTaskError:

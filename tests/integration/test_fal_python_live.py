@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from serve.engine.tiny_model import IMAGE_SEQ_LENGTH
+from serve.jobs.models import Limits
 from tests.conftest import LOCAL_KEY, data_uri
 from tests.integration.conftest import SOLO_KEY, wait_for_abort
 
@@ -148,28 +149,30 @@ def test_async_client(urls):
 def test_client_timeout_cancels_the_job(fal, urls):
     enqueued = []
     with pytest.raises(fal_module.FalClientTimeoutError):
-        fal.subscribe(APP, arguments=args(2048), client_timeout=1.5, on_enqueue=enqueued.append)
+        fal.subscribe(APP, arguments=args(2048), client_timeout=0.8, on_enqueue=enqueued.append)  # a 2048-token job takes 2 s or more
     done = wait_status(urls, enqueued[0], "COMPLETED")
     assert done["error_type"] == "request_cancelled"
 
 
-def test_start_timeout_of_a_job_that_cannot_start(urls):
+def test_start_timeout_of_a_job_that_cannot_start(urls, job_store):
     """The key's one slot is busy: a job with a 2 s start timeout ends with a 504 the client does
     not retry (X-Fal-Request-Timeout-Type: user)."""
     solo = fal_client.SyncClient(key=SOLO_KEY)
-    blocker = solo.submit(APP, arguments=args(2048))
+    # The slot is held in the deployment's store as a sync request holds it (a generation long enough to
+    # hold it would be over in about 2 s on a fast machine).
+    held = asyncio.run(job_store.admit("tests-solo", Limits(rate_per_minute=100_000, max_concurrent=1), 60.0))
+    assert held.allowed
     try:
-        wait_status(urls, blocker.request_id, "IN_PROGRESS", key=SOLO_KEY)
         t0 = time.monotonic()
         with pytest.raises(fal_module.FalClientHTTPError) as exc:
             solo.subscribe(APP, arguments=args(), start_timeout=2)
         took = time.monotonic() - t0
     finally:
-        blocker.cancel()
-        wait_status(urls, blocker.request_id, "COMPLETED", key=SOLO_KEY)  # its slot is free again
+        asyncio.run(job_store.release("tests-solo", held.slot))
     assert exc.value.status_code == 504 and exc.value.error_type == "request_timeout"
     assert exc.value.response_headers["x-fal-request-timeout-type"] == "user"
     assert 2 <= took < 10
+    assert solo.run(APP, arguments=args())["partial"] is False  # the slot is free again
 
 
 def test_a_stream_holds_its_slot_and_a_dropped_stream_aborts(stack, engine_stats):

@@ -76,3 +76,16 @@ def test_stopping_early_cancels_the_call():
 
     assert asyncio.run(first_only()) == ITEMS[0]
     assert response.cancelled
+
+
+def test_stopping_at_the_completion_does_not_cancel_the_finished_call():
+    response = FakeResponse(ITEMS)
+
+    async def until_completion():
+        from serve.engine.types import collect
+
+        return await collect(HandleEngine(FakeHandle(response)).generate(None))  # returns at the Completion
+
+    chunks, done = asyncio.run(until_completion())
+    assert chunks == ["a", "b"] and done == ITEMS[-1]
+    assert not response.cancelled  # no cancellation round trip for a call that had ended
