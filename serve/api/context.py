@@ -1,8 +1,8 @@
 """The request context: one per HTTP request, created by the outermost middleware.
 
 Routes name their API (a router-level dependency) and their operation (a route-level dependency)
-explicitly; telemetry, ids on responses and error shapes read the context, never a path prefix or a
-function's name (renaming a route must not change metric labels: docs/architecture.md, "Requests").
+explicitly; telemetry and the ids on responses read the context, never a path prefix or a function's
+name: renaming a route must not change metric labels (docs/architecture.md, "Where each concern lives").
 """
 
 from __future__ import annotations

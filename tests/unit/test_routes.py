@@ -1,6 +1,6 @@
 """Routes stay thin and label themselves: each reads its request and calls its API's serving layer,
-which alone owns admission, slots and the engine stream; each names its API and operation explicitly,
-so metric labels never follow a function's name (docs/architecture.md, "Requests")."""
+which alone owns admission, slots and the engine stream; each names its API and operation explicitly, so
+metric labels never follow a function's name (docs/architecture.md, "Where each concern lives")."""
 
 from __future__ import annotations
 
