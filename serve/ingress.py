@@ -74,7 +74,11 @@ def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
         CORSMiddleware,
         allow_origins=["*"],
         allow_methods=["*"],
-        allow_headers=["authorization", "content-type", "accept", "x-fal-target-url", "x-api-key", "x-fal-*"],
+        # By name: Starlette reads a header list literally ("x-fal-*" would match no header). What fal's JS
+        # client sends besides the usual ones.
+        allow_headers=["authorization", "content-type", "accept", "x-api-key", "x-fal-target-url",
+                       "x-fal-queue-priority", "x-fal-runner-hint", "x-fal-request-timeout",
+                       "x-fal-object-lifecycle-preference"],
         expose_headers=["x-fal-request-id", "retry-after", "x-ratelimit-limit", "x-ratelimit-remaining",
                         "x-ratelimit-reset", "ratelimit", "ratelimit-policy"],
     )

@@ -129,6 +129,15 @@ def test_cors_preflight():
     assert "x-fal-target-url" in resp.headers["access-control-allow-headers"]
 
 
+def test_cors_preflight_admits_every_header_fals_js_client_sends():
+    sent = "authorization,content-type,x-fal-queue-priority,x-fal-runner-hint,x-fal-request-timeout," \
+           "x-fal-object-lifecycle-preference"
+    with client_for(runner=False) as client:
+        resp = client.options(APP, headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                                            "Access-Control-Request-Headers": sent})
+    assert resp.status_code == 200, resp.text  # was 400 "Disallowed CORS headers" while the list said "x-fal-*"
+
+
 # -- proxy mode (docs/api.md §2.8) ---------------------------------------------------------------------
 
 PROXY = "/api/fal/proxy"
