@@ -140,8 +140,9 @@ class EngineDeploymentConfig(DeploymentConfig):
     max_waiting_requests: int = Field(
         64, ge=0, description="Requests one engine replica takes beyond a full batch (engine.max_num_seqs). They "
         "wait in vLLM's own scheduler, which prepares their images while the batch decodes and starts each the "
-        "moment a sequence ends; requests beyond max_num_seqs + this wait in Serve's router instead, bounded by "
-        "ingress.max_ongoing_requests per ingress replica (docs/architecture.md, \"Where requests wait\").",
+        "moment a sequence ends; requests beyond max_num_seqs + this wait in Serve's router instead, bounded per "
+        "ingress replica by ingress.max_ongoing_requests plus jobs.runner_max_parallel (docs/architecture.md, "
+        "\"Where requests wait\").",
     )
 
 
@@ -272,6 +273,10 @@ class JobsConfig(_Strict):
     runner_retry_s: float = Field(
         0.25, gt=0, description="How long a job runner waits after a store error before it tries again. An idle "
         "runner does not poll: it waits for the store to announce claimable work (or the next reap)."
+    )
+    runner_poll_interval_s: float | None = Field(
+        None, gt=0, description="Deprecated and ignored: runners no longer poll. Accepted so that configs written "
+        "for earlier versions still load; see runner_retry_s."
     )
     runner_max_parallel: int = Field(
         64, gt=0, description="Jobs one ingress replica runs at once (claimed from the store, waiting in the engine "

@@ -36,7 +36,8 @@ class Services:
 
     async def aclose(self) -> None:
         await self.media.aclose()
-        await self.webhooks.aclose()
+        await self.webhooks.aclose()  # may hand unfinished deliveries back to the store: before closing it
+        await self.store.aclose()
 
 
 # Dependencies are `async def` although they never await: FastAPI runs a plain `def` one on a worker

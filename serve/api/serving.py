@@ -37,11 +37,11 @@ async def generation(
 ) -> AsyncIterator[Generation]:
     """admit -> concurrency slot -> image -> engine stream started; on every exit path the engine stream
     is closed (a caller that left aborts the request) and the slot released. The start timeout counts
-    from here; failures before the first token raise here, where they can still be an HTTP error."""
-    arrived = time.monotonic()
+    from the admission; failures before the first token raise here, where they can still be an HTTP error."""
     async with AsyncExitStack() as held:  # exits in reverse: the engine stream closes, then the slot frees
         with _counting_refusals(ctx, caller):
             admission = await held.enter_async_context(admitted(services.store, caller, services.config.jobs.lease_s))
+        arrived = time.monotonic()  # admitted: the start timeout and time to first token count from here
         image = await services.media.load(image_url)
         left = None if start_timeout_s is None else max(0.0, start_timeout_s - (time.monotonic() - arrived))
         items = await started(services.engine.generate(build(image)), left)

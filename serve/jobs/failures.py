@@ -32,6 +32,14 @@ _KINDS: tuple[tuple[type[BaseException], FailureKind], ...] = (
 )
 
 
+# Kinds whose exception text is about our own insides (hosts, actors, processes): callers see these words
+# instead (a stored job's message reaches Eachlabs' output and webhooks).
+_SAFE_MESSAGES = {
+    FailureKind.UNAVAILABLE: "The model is unavailable right now; please retry.",
+    FailureKind.STORE_UNAVAILABLE: "The job store could not be reached; please retry.",
+}
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
@@ -61,6 +69,6 @@ def classify(exc: BaseException) -> JobError:
         return JobError(kind=FailureKind.LIMITED, message=f"{exc.admission.reason} limit", admission=exc.admission)
     for cls, kind in _KINDS:
         if isinstance(exc, cls):
-            return JobError(kind=kind, message=str(exc))
+            return JobError(kind=kind, message=_SAFE_MESSAGES.get(kind) or str(exc))
     log.error("unexpected failure", exc_info=exc)
     return JobError(kind=FailureKind.INTERNAL, message=INTERNAL_MESSAGE)

@@ -1,9 +1,9 @@
 """`MemoryStore`: the reference semantics of `StoreBackend`, in one process.
 
 Every operation but `wait_for_work` (which changes nothing) runs to its end without awaiting anything,
-so each is one atomic step on its event loop; the Redis backend's Lua scripts follow this logic step by step (their tests run both in
-lockstep). In-process it serves unit tests and tools; inside a Ray actor (`serve.jobs.ray_actor`) it
-is the embedded default shared by every replica.
+so each is one atomic step on its event loop; the Redis backend's Lua scripts follow this logic step by
+step (their tests run both in lockstep). In-process it serves unit tests and tools; inside a Ray actor
+(`serve.jobs.ray_actor`) it is the embedded default shared by every replica.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ logical expiry. Scripts build key names from the prefix, so this needs one Redis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -545,22 +546,41 @@ return {redis.call('ZCARD', key('queue')), redis.call('ZCARD', key('running'))}
 
     async def wait_for_work(self, seen: int, timeout_s: float, now: float) -> int:
         channel = f"{self._prefix}:work"
-        try:
-            async with self._waiting:
+        async with self._waiting:
+            try:
                 if self._pubsub is None:
-                    self._pubsub = self._redis().pubsub(ignore_subscribe_messages=True)
-                    await self._pubsub.subscribe(channel)  # before reading the counter: no move is missed
+                    pubsub = self._redis().pubsub()
+                    try:
+                        await pubsub.subscribe(channel)  # before reading the counter: no move is missed
+                    except BaseException:
+                        await pubsub.aclose()
+                        raise
+                    self._pubsub = pubsub
+                await self._drain()  # what was published while nobody waited: the counter read next has it
                 current = int(await self._redis().get(channel) or 0)
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + timeout_s
-                # Any message means a move (an earlier one only wakes us once too often); get_message also
-                # answers None at once for the subscription's own confirmation.
+                # Any published message means a move (an earlier one only wakes us once too often).
                 while current == seen and (left := deadline - loop.time()) > 0:
-                    if await self._pubsub.get_message(timeout=left) is not None:
+                    message = await self._pubsub.get_message(timeout=left)
+                    if message is not None and message["type"] == "message":
+                        await self._drain()
                         current = int(await self._redis().get(channel) or 0)
                 return current
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            if self._pubsub is not None:
-                await self._pubsub.aclose()  # subscribed anew on the next wait
-                self._pubsub = None
-            raise StoreUnavailable(f"Redis job store unavailable: {type(exc).__name__}: {exc}") from exc
+            except asyncio.CancelledError:
+                raise  # the runner stopped waiting; redis-py reconnects and subscribes again on the next read
+            except Exception as exc:
+                if self._pubsub is not None:  # subscribed anew on the next wait
+                    with contextlib.suppress(Exception):
+                        await self._pubsub.aclose()
+                    self._pubsub = None
+                if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+                    raise StoreUnavailable(f"Redis job store unavailable: {type(exc).__name__}: {exc}") from exc
+                raise
+
+    async def _drain(self) -> None:
+        """Read every message already delivered, without waiting: under load each end of a job publishes,
+        and an unread backlog would grow until Redis drops the subscriber."""
+        for _ in range(100_000):  # None: nothing more delivered (subscription confirmations come back too)
+            if await self._pubsub.get_message(timeout=0) is None:
+                return

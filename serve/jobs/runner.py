@@ -68,6 +68,8 @@ class JobRunner:
         self._executors = executors
         self._cfg = cfg
         self._active: dict[str, asyncio.Task] = {}
+        self._working: set[str] = set()  # jobs whose engine work runs (the capacity); recording comes after
+        self._freed = asyncio.Event()  # a job's work ended: capacity to claim again, whatever the store says
         self._loop_task: asyncio.Task | None = None
         self._stopping = asyncio.Event()
 
@@ -116,13 +118,15 @@ class JobRunner:
                     next_reap = loop.time() + self._cfg.reap_interval_s
                     await self._announce()
                     metrics().job_counts(**await self._store.counts())
-                if len(self._active) < self._cfg.runner_max_parallel and not self._stopping.is_set():
+                self._freed.clear()
+                if len(self._working) < self._cfg.runner_max_parallel and not self._stopping.is_set():
                     job = await self._store.claim(self._id, self._cfg.lease_s)
                     if job is not None:
+                        self._working.add(job.id)
                         self._active[job.id] = loop.create_task(self._run(job))
                         continue  # there may be more work: claim again at once (unless stopping)
                 # Idle, or full: sleep until the store says work may be claimable (a job queued, a slot
-                # freed: ours too), the next reap, or the stop; no polling while nothing happens.
+                # freed), one of our jobs ends its work, the next reap, or the stop; no polling meanwhile.
                 seen = await self._idle(seen, max(0.0, next_reap - loop.time()))
             except Exception:
                 log.exception("job runner: store unavailable; retrying")
@@ -131,15 +135,14 @@ class JobRunner:
 
     async def _idle(self, seen: int, timeout_s: float) -> int:
         waiting = asyncio.ensure_future(self._store.wait_for_work(seen, timeout_s))
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        done, _ = await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if waiting not in done:  # stopping: the wait is no longer wanted
-            waiting.cancel()
-            await asyncio.gather(waiting, stopping, return_exceptions=True)
-            return seen
-        await asyncio.gather(stopping, return_exceptions=True)
-        return waiting.result()  # a store error raises here, for the loop to retry
+        others = [asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(self._freed.wait())]
+        try:
+            done, _ = await asyncio.wait({waiting, *others}, return_when=asyncio.FIRST_COMPLETED)
+            return waiting.result() if waiting in done else seen  # a store error raises, for the loop to retry
+        finally:  # however this ends (the loop cancelled when a drain is over too): no task left behind
+            for task in (waiting, *others):
+                task.cancel()
+            await asyncio.gather(waiting, *others, return_exceptions=True)
 
     async def _announce(self) -> None:
         """Hand the ended notify jobs to their executors; a taken job is never offered again."""
@@ -163,6 +166,7 @@ class JobRunner:
                 await asyncio.wait([work], timeout=self._cfg.lease_s / 3)
                 if not work.done() and not await self._store.heartbeat(job.id, self._id, self._cfg.lease_s):
                     work.cancel()  # cancelled by its owner, or our lease is gone: stop the engine work
+            self._free(job.id)  # its capacity, now: not once the outcome is recorded
             try:
                 result, error = work.result(), None
             except asyncio.CancelledError:
@@ -181,3 +185,9 @@ class JobRunner:
             log.exception("job runner: could not record the outcome of %s; its lease will expire", job.id)
         finally:
             self._active.pop(job.id, None)
+            self._free(job.id)
+
+    def _free(self, job_id: str) -> None:
+        if job_id in self._working:
+            self._working.discard(job_id)
+            self._freed.set()  # a full runner claims again at once

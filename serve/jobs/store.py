@@ -138,3 +138,9 @@ class JobStore:
 
     async def wait_for_work(self, seen: int, timeout_s: float) -> int:
         return await self._backend.wait_for_work(seen, timeout_s, self._clock())
+
+    async def aclose(self) -> None:
+        """Close the backend's connections, where it holds any (Redis)."""
+        close = getattr(self._backend, "aclose", None)
+        if close is not None:
+            await close()

@@ -28,6 +28,7 @@ class RequestContext:
     api: str = "other"  # fal | eachlabs; "other" until a router names it
     operation: str = "unmatched"  # run, submit, status, create, ...: set by the route
     key_name: str | None = None  # the caller's key *name*, once authenticated
+    path: str | None = None  # the path routed, when a dispatcher rewrote the client's (fal's /queue/, proxy)
     started: float = field(default_factory=time.monotonic)
     counted: bool = False  # counted in the in-flight gauge of `api`
 
@@ -71,6 +72,6 @@ def record(ctx: RequestContext, method: str, path: str, status: int, first_byte:
         return
     log.info("request", extra={"fields": {
         "request_id": ctx.request_id, "key": ctx.key_name, "api": ctx.api, "route": ctx.operation,
-        "method": method, "path": path, "status": status, "duration_ms": round(1000 * seconds, 1),
+        "method": method, "path": ctx.path or path, "status": status, "duration_ms": round(1000 * seconds, 1),
         "first_byte_ms": None if first_byte is None else round(1000 * (first_byte - ctx.started), 1),
     }})

@@ -193,3 +193,25 @@ async def test_the_production_config_builds_a_redis_store(redis_url, tmp_path):
     store = build_store(cfg)
     limits = Limits(rate_per_minute=1, max_concurrent=5)
     assert [(await store.admit("alice", limits, LEASE)).allowed for _ in range(2)] == [True, False]
+
+
+async def test_a_waiting_runner_reads_the_whole_backlog_of_announcements(redis_url):
+    """Under load every job's end announces work; a waiter that found the counter moved at once must still
+    read what was published meanwhile, or the backlog grows until Redis drops the subscriber."""
+    backend = RedisBackend(redis_url, 3600.0, max_attempts=2, prefix=f"test-{uuid.uuid4().hex}")
+    store = JobStore(backend)
+    limits = Limits(rate_per_minute=10_000, max_concurrent=1)
+    try:
+        seen = await store.wait_for_work(-1, 1.0)  # subscribes
+        held = await store.admit("alice", limits, LEASE)
+        await store.enqueue(Job(id="queued", owner="alice", api="fal", input={}, max_concurrent=1, created_at=0.0),
+                            limits, cap_pending=False)
+        for _ in range(200):  # a job waits: each freed slot announces
+            await store.release("alice", held.slot)
+            held = await store.admit("alice", limits, LEASE)
+        current = await store.wait_for_work(seen, 1.0)
+        assert current >= seen + 200
+        assert await backend._pubsub.get_message(timeout=0) is None  # nothing left unread
+        assert await store.wait_for_work(current, 0.2) == current  # and no stale message wakes the next wait
+    finally:
+        await backend.aclose()

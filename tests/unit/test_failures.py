@@ -62,6 +62,13 @@ def test_validation_keeps_each_problem_and_limits_keep_the_decision():
     assert classify(EXAMPLES[FailureKind.LIMITED]).admission == REFUSED
 
 
+def test_unavailability_says_no_internals():
+    engine = classify(EngineUnavailable("no engine replica could serve the request: ActorDiedError"))
+    store = classify(StoreUnavailable("Redis job store unavailable: ConnectionError: 10.0.0.7:6379"))
+    assert "Actor" not in engine.message and "10.0.0.7" not in store.message
+    assert engine.message.endswith("please retry.") and store.message.endswith("please retry.")
+
+
 def test_an_unexpected_exception_is_internal_and_logged_once_without_reaching_the_message(caplog):
     caplog.set_level(logging.ERROR, logger="serve.jobs.failures")
     err = classify(RuntimeError("/secret/path.py line 3"))

@@ -317,6 +317,14 @@ def test_bad_start_timeout_is_a_422_on_the_header(value):
             assert resp.json()["detail"][0]["loc"] == ["header", "x-fal-request-timeout"]
 
 
+def test_an_unreadable_body_is_named_before_a_bad_start_timeout():
+    with client_for(runner=False) as client:
+        for path in [f"/queue{APP}", APP]:
+            resp = client.post(path, content=b"{not json", headers={**AUTH, "X-Fal-Request-Timeout": "0.5"})
+            assert resp.status_code == 422
+            assert resp.json()["detail"][0]["loc"][0] == "body", (path, resp.json())
+
+
 def test_queued_job_that_cannot_start_in_time_ends_with_504(tmp_path):
     engine = SlowEngine(delay=0.05)
     with client_for(engine, keys=keys_file(tmp_path, concurrent=1)) as client:

@@ -262,3 +262,45 @@ def test_a_job_longer_than_the_bound_is_abandoned_to_its_lease():
 def test_the_drain_bound_leaves_serve_time_to_finish_the_replica():
     assert drain_budget_s(20.0) == 16.0  # Serve's default grace: 2 s drain loop before, 2 s margin after
     assert drain_budget_s(3.0) == 0.0
+
+
+class RemoteLikeStore:
+    """The reference store with a few ms per call, as the Ray actor or Redis take (every call awaits)."""
+
+    def __init__(self, store):
+        self._store = store
+
+    def __getattr__(self, name):
+        op = getattr(self._store, name)
+
+        async def call(*args):
+            await asyncio.sleep(0.003)
+            return await op(*args)
+
+        return call
+
+
+def test_a_full_runner_claims_again_as_soon_as_its_job_ends_not_at_the_next_reap():
+    from serve.jobs.memory import MemoryStore
+
+    cfg = FAST.model_copy(update={"runner_max_parallel": 1, "reap_interval_s": 5.0})
+    limits = Limits(rate_per_minute=60, max_concurrent=10)
+
+    async def main():
+        services = make_services(FakeEngine(), backend=RemoteLikeStore(MemoryStore(3600.0, 2)))
+        runner = JobRunner(services.store, "runner-1", {"fal": FalExecutor(services)}, cfg)
+        runner.start()
+        try:
+            first, second = fal_job(), fal_job()
+            for j in (first, second):
+                await services.store.enqueue(j, limits, cap_pending=False)
+            await asyncio.sleep(0.5)  # past the first reap, so only the wake-ups can start the second
+            done = [await until(services.store, j, "alice", {JobStatus.SUCCEEDED}) for j in (first, second)]
+        finally:
+            await runner.stop(0)
+        return done
+
+    first, second = asyncio.run(main())
+    assert first.status == second.status == JobStatus.SUCCEEDED
+    # One at a time, and the second claimed within moments of the first's end (the reap is 5 s away).
+    assert first.finished_at <= second.started_at < first.finished_at + 0.5

@@ -86,6 +86,7 @@ class FalDispatch:
         state["fal"] = routing
         # The context's id: a route about an existing request (status, result...) makes it that request's.
         ctx = state.setdefault("ctx", RequestContext())
+        ctx.path = scope["path"]  # as routed: the access line shows fal's path, not /queue/... or the proxy's
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

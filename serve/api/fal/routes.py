@@ -6,14 +6,12 @@ before routing, which also puts the request id (the context's) on every fal resp
 
 from __future__ import annotations
 
-import math
-
 from fastapi import APIRouter, Depends, Request, Response
 
 from serve.api.context import api_name, context, operation
 from serve.api.errors import shaped_errors
 from serve.api.fal import serving
-from serve.api.fal.errors import ANSWERS, field_error, flat_error
+from serve.api.fal.errors import ANSWERS, flat_error
 from serve.api.fal.protocol import APP_ID
 from serve.api.services import Services, get_services
 from serve.auth import Caller
@@ -35,19 +33,9 @@ async def fal_caller(request: Request, services: Services = Depends(get_services
     return caller
 
 
-def start_timeout(request: Request) -> float | None:
-    """X-Fal-Request-Timeout: seconds the request may wait before it starts (> 1, as fal requires)."""
-    raw = request.headers.get("x-fal-request-timeout")
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 1):
-        raise field_error("x-fal-request-timeout", "Input should be a number of seconds greater than 1",
-                          "greater_than", raw, where="header")
-    return value
+def start_timeout(request: Request) -> str | None:
+    """X-Fal-Request-Timeout, as sent (fal's serving layer checks it after the body)."""
+    return request.headers.get("x-fal-request-timeout")
 
 
 def queue_root(request: Request, services: Services) -> str:
@@ -73,10 +61,10 @@ async def run_or_submit(
     if request.state.fal.queue:
         ctx.operation = "submit"  # one path, two operations (docs/api.md §1.2)
         return await serving.submit(
-            services, ctx, caller, await request.body(), start_timeout_s=start_timeout(request),
+            services, ctx, caller, await request.body(), start_timeout=start_timeout(request),
             webhook=request.query_params.get("fal_webhook"), queue_root=queue_root(request, services))
     inp = serving.parse(await request.body())  # before the limits: a malformed body costs no quota
-    return await serving.run(services, ctx, caller, inp, start_timeout(request))
+    return await serving.run(services, ctx, caller, inp, serving.seconds_to_start(start_timeout(request)))
 
 
 @router.post(f"/{APP_ID}/stream", dependencies=[Depends(operation("stream"))])
@@ -84,7 +72,8 @@ async def stream(
     request: Request, caller: Caller = Depends(fal_caller), services: Services = Depends(get_services)
 ) -> Response:
     inp = serving.parse(await request.body())
-    return await serving.stream(services, context(request), caller, inp, start_timeout(request))
+    timeout_s = serving.seconds_to_start(start_timeout(request))
+    return await serving.stream(services, context(request), caller, inp, timeout_s)
 
 
 @router.get(f"{REQUEST}/status", dependencies=[Depends(operation("status"))])

@@ -7,6 +7,7 @@ limits, the engine stream's lifetime and jobs. What is fal's here is only its sh
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any, AsyncGenerator, AsyncIterator
 
 import httpx
@@ -51,6 +52,20 @@ def parse(body: bytes) -> FalInput:
         return FalInput.model_validate_json(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
+
+
+def seconds_to_start(raw: str | None) -> float | None:
+    """X-Fal-Request-Timeout: seconds the request may wait before it starts (> 1, as fal requires)."""
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 1):
+        raise field_error("x-fal-request-timeout", "Input should be a number of seconds greater than 1",
+                          "greater_than", raw, where="header")
+    return value
 
 
 def _build(services: Services, request_id: str, owner: str, inp: FalInput, *, stream: bool) -> BuildRequest:
@@ -114,7 +129,7 @@ async def _output_events(
 
 
 async def submit(services: Services, ctx: RequestContext, caller: Caller, body: bytes, *,
-                 start_timeout_s: float | None, webhook: str | None, queue_root: str) -> Response:
+                 start_timeout: str | None, webhook: str | None, queue_root: str) -> Response:
     # Only an unreadable body is refused here: like fal, a bad input is accepted and the job ends
     # with the validation error, replayed by the result endpoint.
     try:
@@ -131,8 +146,8 @@ async def submit(services: Services, ctx: RequestContext, caller: Caller, body: 
             raise field_error("fal_webhook", f"The webhook URL {problem}.", "url_parsing", webhook, where="query")
         meta["webhook_url"] = webhook
     job = Job(id=ctx.request_id, owner=caller.name, api="fal", input=inp, meta=meta,
-              max_concurrent=caller.limits.max_concurrent, created_at=0.0, start_timeout_s=start_timeout_s,
-              notify="webhook_url" in meta)
+              max_concurrent=caller.limits.max_concurrent, created_at=0.0,
+              start_timeout_s=seconds_to_start(start_timeout), notify="webhook_url" in meta)
     # fal's queue never refuses for concurrency (jobs wait their turn); the rate limit applies.
     admission = await accept(services, ctx, caller, job, cap_pending=False)
     return JSONResponse(submitted_body(job.id, queue_root, admission.queue_position or 0),
