@@ -182,27 +182,42 @@ async def fal_sync(client: httpx.AsyncClient, url: str, req: Req) -> Sample:
     return fal_sample(r.json(), start, None)
 
 
+async def poll_until(client: httpx.AsyncClient, url: str, headers: dict, finished, start: float,
+                     interval: float) -> tuple[dict, int]:
+    """GET `url` every `interval` s until `finished(body)` (which may raise); the last body and the polls."""
+    polls = 0
+    while True:
+        polls += 1
+        r = await client.get(url, headers=headers)
+        if r.status_code not in (200, 202):
+            raise RuntimeError(f"polling {url}: HTTP {r.status_code} {r.text}")
+        body = r.json()
+        if finished(body):
+            return body, polls
+        if time.perf_counter() - start > JOB_DEADLINE_S:
+            raise RuntimeError(f"{url} not done after {JOB_DEADLINE_S} s: {body}")
+        await asyncio.sleep(interval)
+
+
 async def fal_queue(client: httpx.AsyncClient, url: str, req: Req, interval: float = 0.1) -> Sample:
     """Submit, GET the status every `interval` s (fal_client's 0.1 s) until COMPLETED, GET the result."""
     start = time.perf_counter()
     r = await client.post(f"{url}/queue/{FAL}", json=fal_body(req), headers=FAL_HEADERS)
     r.raise_for_status()
     base, submitted = f"{url}/queue/{FAL}/requests/{r.json()['request_id']}", time.perf_counter() - start
-    polls = 0
-    while True:
-        polls += 1
-        s = await client.get(f"{base}/status", headers=FAL_HEADERS)
-        assert s.status_code in (200, 202), s.text
-        if s.json()["status"] == "COMPLETED":
-            break
-        if time.perf_counter() - start > JOB_DEADLINE_S:
-            raise RuntimeError(f"fal queue job not COMPLETED after {JOB_DEADLINE_S} s")
-        await asyncio.sleep(interval)
+    _, polls = await poll_until(client, f"{base}/status", FAL_HEADERS, lambda s: s["status"] == "COMPLETED",
+                                start, interval)
     r = await client.get(base, headers=FAL_HEADERS)
     r.raise_for_status()
     sample = fal_sample(r.json(), start, None, polls)
     sample.ttft, sample.submit = None, submitted  # no first text: the answer comes only after COMPLETED
     return sample
+
+
+def _prediction_done(p: dict) -> bool:
+    if p["status"] in ("error", "cancelled"):
+        raise RuntimeError(f"eachlabs prediction ended {p['status']}: {p.get('output')}")
+    return p["status"] == "success"
 
 
 async def eachlabs(client: httpx.AsyncClient, url: str, req: Req, interval: float = 0.1) -> Sample:
@@ -215,17 +230,7 @@ async def eachlabs(client: httpx.AsyncClient, url: str, req: Req, interval: floa
     r = await client.post(f"{url}/v1/prediction/", json=body, headers=headers)
     r.raise_for_status()
     prediction_url, submitted = f"{url}/v1/prediction/{r.json()['predictionID']}", time.perf_counter() - start
-    polls = 0
-    while True:
-        polls += 1
-        g = await client.get(prediction_url, headers=headers)
-        g.raise_for_status()
-        p = g.json()
-        if p["status"] == "success":
-            break
-        if p["status"] in ("error", "cancelled") or time.perf_counter() - start > JOB_DEADLINE_S:
-            raise RuntimeError(f"eachlabs prediction ended {p['status']}: {p.get('output')}")
-        await asyncio.sleep(interval)
+    p, polls = await poll_until(client, prediction_url, headers, _prediction_done, start, interval)
     return Sample(None, time.perf_counter() - start, None, None, "".join(p["output"]), polls, submitted)
 
 

@@ -34,12 +34,14 @@ Answer = Callable[[JobError, Mapping[str, Any] | None], ApiError]
 Answers = Mapping[FailureKind, Answer]
 
 
+def render(answers: Answers, error: JobError, inp: Mapping[str, Any] | None = None) -> ApiError:
+    """A failure (of a request, or stored with a job) in the API's shape: its kind's answer."""
+    return answers[error.kind](error, inp)
+
+
 def answer(answers: Answers, exc: BaseException, inp: Mapping[str, Any] | None = None) -> ApiError:
     """Any failure of a request, in the API's shape: its own ApiError, or its kind's answer."""
-    if isinstance(exc, ApiError):
-        return exc
-    error = classify(exc)
-    return answers[error.kind](error, inp)
+    return exc if isinstance(exc, ApiError) else render(answers, classify(exc), inp)
 
 
 def shaped_errors(answers: Answers) -> type[APIRoute]:

@@ -35,7 +35,7 @@ async def admitted(store: JobStore, caller: Caller, lease_s: float) -> AsyncIter
     the body runs (renewed, so a long generation keeps it; a dead replica's slot expires)."""
     adm = await store.admit(caller.name, caller.limits, lease_s)
     if not adm.allowed:
-        raise LimitExceeded(adm, caller.name)
+        raise LimitExceeded(adm)
 
     async def renew() -> None:
         while True:

@@ -15,7 +15,7 @@ from PIL import Image
 from serve.api.limits import admitted
 from serve.api.services import Services
 from serve.auth import Caller
-from serve.engine.types import GenerationRequest, StreamItem, collect, started
+from serve.engine.types import Completion, GenerationRequest, StreamItem, collect, started
 from serve.jobs.models import Admission, Job, JobResult, LimitExceeded
 from serve.jobs.runner import LogFn
 from serve.telemetry.access import RequestContext
@@ -41,13 +41,32 @@ async def generation(
     async with AsyncExitStack() as held:  # exits in reverse: the engine stream closes, then the slot frees
         with _counting_refusals(ctx, caller):
             admission = await held.enter_async_context(admitted(services.store, caller, services.config.jobs.lease_s))
-        arrived = time.monotonic()  # admitted: the start timeout and time to first token count from here
-        image = await services.media.load(image_url)
-        left = None if start_timeout_s is None else max(0.0, start_timeout_s - (time.monotonic() - arrived))
-        items = await started(services.engine.generate(build(image)), left)
+        # Admitted: the start timeout and the time to first token count from here.
+        items = await _start(services, ctx.api, "stream" if stream else "sync", image_url, build, start_timeout_s)
         held.push_async_callback(items.aclose)
-        metrics().first_token(ctx.api, "stream" if stream else "sync", time.monotonic() - arrived)
         yield Generation(admission, items)
+
+
+async def _start(
+    services: Services, api: str, mode: str, image_url: str, build: BuildRequest,
+    start_timeout_s: float | None = None, log: LogFn | None = None,
+) -> AsyncGenerator[StreamItem, None]:
+    """Image, then the engine stream up to its first item (sync, stream and job alike)."""
+    began = time.monotonic()
+    image = await services.media.load(image_url)
+    if log is not None:
+        await log(f"Image fetched ({image.width}x{image.height})")
+        await log("Generating")
+    left = None if start_timeout_s is None else max(0.0, start_timeout_s - (time.monotonic() - began))
+    items = await started(services.engine.generate(build(image)), left)
+    metrics().first_token(api, mode, time.monotonic() - began)
+    return items
+
+
+async def _collect(items: AsyncIterator[StreamItem], api: str, owner: str) -> tuple[list[str], Completion]:
+    chunks, done = await collect(items)
+    metrics().generated(api, owner, done.num_input_tokens, done.num_output_tokens)
+    return chunks, done
 
 
 async def open_generation(*args: Any, **kwargs: Any) -> tuple[Generation, Callable[[], Awaitable[None]]]:
@@ -58,11 +77,9 @@ async def open_generation(*args: Any, **kwargs: Any) -> tuple[Generation, Callab
     return gen, held.aclose
 
 
-async def complete(gen: Generation, ctx: RequestContext, caller: Caller) -> tuple[list[str], Any]:
+async def complete(gen: Generation, ctx: RequestContext, caller: Caller) -> tuple[list[str], Completion]:
     """The whole answer of a non-streamed generation: its text chunks and final counts."""
-    chunks, done = await collect(gen.items)
-    metrics().generated(ctx.api, caller.name, done.num_input_tokens, done.num_output_tokens)
-    return chunks, done
+    return await _collect(gen.items, ctx.api, caller.name)
 
 
 async def accept(services: Services, ctx: RequestContext, caller: Caller, job: Job, *, cap_pending: bool) -> Admission:
@@ -71,7 +88,7 @@ async def accept(services: Services, ctx: RequestContext, caller: Caller, job: J
     with _counting_refusals(ctx, caller):
         admission = await services.store.enqueue(job, caller.limits, cap_pending=cap_pending)
         if not admission.allowed:
-            raise LimitExceeded(admission, caller.name)
+            raise LimitExceeded(admission)
     return admission
 
 
@@ -87,14 +104,8 @@ def _counting_refusals(ctx: RequestContext, caller: Caller) -> Iterator[None]:
 
 async def run_job(services: Services, job: Job, image_url: str, build: BuildRequest, log: LogFn) -> JobResult:
     """A job's work, whichever API accepted it: fetch the image, generate, log real events."""
-    began = time.monotonic()
-    image = await services.media.load(image_url)
-    await log(f"Image fetched ({image.width}x{image.height})")
-    await log("Generating")
-    items = await started(services.engine.generate(build(image)))
-    metrics().first_token(job.api, "job", time.monotonic() - began)
-    chunks, done = await collect(items)
-    metrics().generated(job.api, job.owner, done.num_input_tokens, done.num_output_tokens)
+    items = await _start(services, job.api, "job", image_url, build, log=log)
+    chunks, done = await _collect(items, job.api, job.owner)
     await log(f"Generated {done.num_output_tokens} tokens from {done.num_input_tokens} input tokens")
     return JobResult(chunks=chunks, num_input_tokens=done.num_input_tokens,
                      num_output_tokens=done.num_output_tokens, finish_reason=done.finish_reason)

@@ -153,9 +153,9 @@ class CancelOutcome(str, Enum):
 class LimitExceeded(Exception):
     """Refused by a per-key limit; nothing was counted. Each API renders it in its own error shape."""
 
-    def __init__(self, admission: Admission, owner: str):
+    def __init__(self, admission: Admission):
         super().__init__(admission.reason)
-        self.admission, self.owner = admission, owner
+        self.admission = admission
 
 
 class StoreUnavailable(RuntimeError):

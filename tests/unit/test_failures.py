@@ -37,7 +37,7 @@ EXAMPLES = {
     FailureKind.IMAGE_DOWNLOAD: ImageDownloadError("HTTP 404"),
     FailureKind.IMAGE_LOAD: ImageLoadError("not an image"),
     FailureKind.INPUT: EngineInputError("prompt too long"),
-    FailureKind.LIMITED: LimitExceeded(REFUSED, "alice"),
+    FailureKind.LIMITED: LimitExceeded(REFUSED),
     FailureKind.START_TIMEOUT: StartTimeout("late"),
     FailureKind.CANCELLED: asyncio.CancelledError(),
     FailureKind.UNAVAILABLE: EngineUnavailable("no replica"),

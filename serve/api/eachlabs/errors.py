@@ -29,24 +29,28 @@ def invalid_input(exc: ValidationError) -> ApiError:
 
 
 def _limited(err: JobError, inp: Mapping[str, Any] | None) -> ApiError:
-    adm = err.admission
-    if adm is not None and adm.reason == "rate":
-        return error(429, f"Rate limit exceeded. Please retry after {adm.retry_after} seconds.", rate_limit_headers(adm))
-    cap = f" (limit {adm.max_concurrent})" if adm is not None else ""
-    return error(429, f"Too many concurrent predictions{cap}. Please retry later.",
-                 rate_limit_headers(adm) if adm is not None else None)
+    adm = err.admission  # a LIMITED failure carries the store's decision (classify)
+    if adm.reason == "rate":
+        message = f"Rate limit exceeded. Please retry after {adm.retry_after} seconds."
+    else:
+        message = f"Too many concurrent predictions (limit {adm.max_concurrent}). Please retry later."
+    return error(429, message, rate_limit_headers(adm))
 
 
 def _fixed(status_code: int, message: str):
     return lambda err, inp: error(status_code, message)
 
 
+def _bad_input(err: JobError, inp: Mapping[str, Any] | None) -> ApiError:
+    return error(400, f"Invalid input for model: {err.message}")
+
+
 # The HTTP answer of a failed Eachlabs request (a prediction's own failure is in its output: ERROR_CODES).
 ANSWERS: Answers = {
     FailureKind.VALIDATION: lambda err, inp: _invalid(err.problems, err.message),
-    FailureKind.IMAGE_DOWNLOAD: lambda err, inp: error(400, f"Invalid input for model: {err.message}"),
-    FailureKind.IMAGE_LOAD: lambda err, inp: error(400, f"Invalid input for model: {err.message}"),
-    FailureKind.INPUT: lambda err, inp: error(400, f"Invalid input for model: {err.message}"),
+    FailureKind.IMAGE_DOWNLOAD: _bad_input,
+    FailureKind.IMAGE_LOAD: _bad_input,
+    FailureKind.INPUT: _bad_input,
     FailureKind.LIMITED: _limited,
     FailureKind.START_TIMEOUT: _fixed(504, "The prediction did not start in time. Please retry."),
     FailureKind.CANCELLED: _fixed(400, "Prediction was cancelled"),

@@ -85,7 +85,7 @@ class FalDispatch:
         state = scope.setdefault("state", {})
         state["fal"] = routing
         # The context's id: a route about an existing request (status, result...) makes it that request's.
-        ctx = state.setdefault("ctx", RequestContext())
+        ctx = state.get("ctx") or state.setdefault("ctx", RequestContext())  # probes' paths get none outside
         ctx.path = scope["path"]  # as routed: the access line shows fal's path, not /queue/... or the proxy's
 
         async def send_with_id(message: Message) -> None:

@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from pydantic import ValidationError
 
-from serve.api.errors import Answers, ApiError
+from serve.api.errors import Answers, ApiError, render
 from serve.api.limits import rate_limit_headers
 from serve.jobs.failures import problems
 from serve.jobs.models import FailureKind, JobError, Problem
@@ -51,12 +51,12 @@ def _on_field(name: str, error_type: str):
 
 
 def _limited(err: JobError, inp: Mapping[str, Any] | None) -> ApiError:
-    adm = err.admission
-    if adm is None or adm.reason == "concurrency":
-        detail = "Concurrency limit exceeded. Please retry later."
-    else:
+    adm = err.admission  # a LIMITED failure carries the store's decision (classify)
+    if adm.reason == "rate":
         detail = f"Rate limit exceeded ({adm.limit} requests per minute). Please retry after {adm.retry_after} seconds."
-    return ApiError(429, {"detail": detail}, rate_limit_headers(adm) if adm is not None else {})
+    else:
+        detail = "Concurrency limit exceeded. Please retry later."
+    return ApiError(429, {"detail": detail}, rate_limit_headers(adm))
 
 
 ANSWERS: Answers = {
@@ -83,7 +83,7 @@ ANSWERS: Answers = {
 def job_failure(error: JobError, inp: Mapping[str, Any] | None = None) -> ApiError:
     """What the result endpoint answers for a job that ended without a result: the error the request
     would have got had it run synchronously (fal's rule)."""
-    return ANSWERS[error.kind](error, inp)
+    return render(ANSWERS, error, inp)
 
 
 def summary(err: ApiError) -> tuple[str, str | None]:
