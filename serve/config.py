@@ -15,12 +15,6 @@ import PIL.Image
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, ValidationError, field_validator, model_validator
 
-LLAVA_V1_TEMPLATE = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions. "
-    "USER: <image>\n{prompt} ASSISTANT:"
-)
-
 ENV_KEYS_FILE = "LLAVA_SERVE_KEYS_FILE"
 ENV_PORT = "PORT"
 ENV_HOST = "LLAVA_SERVE_HOST"
@@ -35,28 +29,12 @@ class ModelConfig(_Strict):
         description="Hugging Face repo id (e.g. llava-hf/llava-1.5-13b-hf) or a local directory; "
         "a value starting with '.' or '/' is a path, resolved against the config file's directory."
     )
-    served_name: str = Field("llava-1.5-13b", description="Name reported in logs and metrics.")
+    served_name: str = Field(
+        "llava-1.5-13b", description="Name reported in logs and metrics, and the model id of the OpenAI route."
+    )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="Weight and activation dtype passed to vLLM."
     )
-    prompt_template: str = Field(
-        LLAVA_V1_TEMPLATE,
-        description="The model's conversation template (LLaVA-1.5: llava_v1). '{prompt}' is replaced "
-        "by the user's prompt; the image token marks where the image features go.",
-    )
-    image_token: str = Field("<image>", description="The tokenizer's image placeholder token.")
-
-    @model_validator(mode="after")
-    def _template_has_slots(self) -> ModelConfig:
-        if self.prompt_template.count("{prompt}") != 1:
-            raise ValueError("prompt_template must contain '{prompt}' exactly once")
-        if self.prompt_template.count(self.image_token) != 1:
-            raise ValueError(f"prompt_template must contain the image token {self.image_token!r} exactly once")
-        return self
-
-    def render_prompt(self, prompt: str) -> str:
-        # str.replace, not str.format: the template may legitimately contain braces.
-        return self.prompt_template.replace("{prompt}", prompt)
 
 
 class EngineConfig(_Strict):

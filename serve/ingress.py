@@ -16,6 +16,8 @@ from serve.api.eachlabs.serving import EachlabsExecutor
 from serve.api.fal.dispatch import FalDispatch
 from serve.api.fal.routes import router as fal_router
 from serve.api.fal.serving import FalExecutor
+from serve.api.openai.routes import SDK_HEADERS as OPENAI_SDK_HEADERS
+from serve.api.openai.routes import router as openai_router
 from serve.api.services import Services
 from serve.config import ServeConfig
 from serve.engine.server import HandleEngine
@@ -66,6 +68,7 @@ def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     app.include_router(fal_router)
+    app.include_router(openai_router)  # before Eachlabs': its /v1/{rest} answers every other /v1 path
     app.include_router(eachlabs_router)
     # Middleware added last runs first: context (outermost), CORS, then fal's dispatch (innermost).
     app.add_middleware(FalDispatch)
@@ -75,12 +78,12 @@ def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
         allow_origins=["*"],
         allow_methods=["*"],
         # By name: Starlette reads a header list literally ("x-fal-*" would match no header). What fal's JS
-        # client sends besides the usual ones.
+        # client and OpenAI's Node SDK (dangerouslyAllowBrowser) send besides the usual ones.
         allow_headers=["authorization", "content-type", "accept", "x-api-key", "x-fal-target-url",
                        "x-fal-queue-priority", "x-fal-runner-hint", "x-fal-request-timeout",
-                       "x-fal-object-lifecycle-preference"],
-        expose_headers=["x-fal-request-id", "retry-after", "x-ratelimit-limit", "x-ratelimit-remaining",
-                        "x-ratelimit-reset", "ratelimit", "ratelimit-policy"],
+                       "x-fal-object-lifecycle-preference", *OPENAI_SDK_HEADERS],
+        expose_headers=["x-fal-request-id", "x-request-id", "retry-after", "x-ratelimit-limit",
+                        "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit", "ratelimit-policy"],
     )
     # Every request's id, API, operation and key (telemetry); polls unlogged unless asked (the default).
     app.add_middleware(RequestContextMiddleware, log_polls=services.config.telemetry.log_polls)

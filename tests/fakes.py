@@ -17,7 +17,7 @@ class FakeEngine:
         self.requests.append(request)
         if self.fail_with is not None:
             raise self.fail_with
-        words = [f"w{i} " for i in range(request.max_tokens)]
+        words = [f"w{i} " for i in range(request.max_tokens or 16)]
         for w in words:
             yield TextDelta(text=w, num_tokens=1)
         yield Completion(num_input_tokens=600, num_output_tokens=len(words), finish_reason="length")
@@ -38,13 +38,13 @@ class SlowEngine(FakeEngine):
     async def generate(self, request: GenerationRequest):
         self.requests.append(request)
         try:
-            for i in range(request.max_tokens):
+            for i in range(request.max_tokens or 16):
                 await asyncio.sleep(self.delay)
                 yield TextDelta(text=f"t{i} ", num_tokens=1)
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise
-        yield Completion(num_input_tokens=600, num_output_tokens=request.max_tokens, finish_reason="length")
+        yield Completion(num_input_tokens=600, num_output_tokens=request.max_tokens or 16, finish_reason="length")
 
 
 def make_services(engine, keys_file=None, backend=None):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+
 from fastapi import Request
 
 from serve.auth import KeyRing
@@ -21,6 +23,7 @@ class Services:
     media: ImageIntake
     store: JobStore
     webhooks: WebhookSender
+    started: int = field(default_factory=lambda: int(time.time()))  # unix seconds: the model list's `created`
 
     @classmethod
     def build(cls, cfg: ServeConfig, engine: Engine, store: JobStore) -> Services:

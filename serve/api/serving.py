@@ -21,7 +21,7 @@ from serve.jobs.runner import LogFn
 from serve.telemetry.access import RequestContext
 from serve.telemetry.metrics import metrics
 
-BuildRequest = Callable[[Image.Image], GenerationRequest]
+BuildRequest = Callable[[Image.Image | None], GenerationRequest]  # the loaded image (None: text only)
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Generation:
 
 @asynccontextmanager
 async def generation(
-    services: Services, ctx: RequestContext, caller: Caller, image_url: str, build: BuildRequest, *,
+    services: Services, ctx: RequestContext, caller: Caller, image_url: str | None, build: BuildRequest, *,
     stream: bool, start_timeout_s: float | None = None,
 ) -> AsyncIterator[Generation]:
     """admit -> concurrency slot -> image -> engine stream started; on every exit path the engine stream
@@ -48,14 +48,15 @@ async def generation(
 
 
 async def _start(
-    services: Services, api: str, mode: str, image_url: str, build: BuildRequest,
+    services: Services, api: str, mode: str, image_url: str | None, build: BuildRequest,
     start_timeout_s: float | None = None, log: LogFn | None = None,
 ) -> AsyncGenerator[StreamItem, None]:
-    """Image, then the engine stream up to its first item (sync, stream and job alike)."""
+    """Image (if any), then the engine stream up to its first item (sync, stream and job alike)."""
     began = time.monotonic()
-    image = await services.media.load(image_url)
+    image = None if image_url is None else await services.media.load(image_url)
     if log is not None:
-        await log(f"Image fetched ({image.width}x{image.height})")
+        if image is not None:
+            await log(f"Image fetched ({image.width}x{image.height})")
         await log("Generating")
     left = None if start_timeout_s is None else max(0.0, start_timeout_s - (time.monotonic() - began))
     items = await started(services.engine.generate(build(image)), left)

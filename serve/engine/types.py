@@ -1,6 +1,6 @@
 """The one internal request type and the engine's stream items.
 
-Both wire APIs translate into `GenerationRequest`; nothing downstream knows which API a request
+Every wire API translates into `GenerationRequest`; nothing downstream knows which API a request
 came from. An engine stream is zero or more `TextDelta`s followed by exactly one `Completion`.
 """
 
@@ -18,12 +18,14 @@ from PIL import Image
 class GenerationRequest:
     request_id: str  # also the engine's request id, so logs line up end to end
     owner: str  # the caller's key *name*, never the key
-    prompt: str  # already in the model's template
-    image: Image.Image  # decoded, RGB, bounded size
-    max_tokens: int
+    prompt: str  # already in the model's template, one image placeholder per image
+    image: Image.Image | None  # decoded, RGB, bounded size; None for a text-only prompt
+    max_tokens: int | None  # None: up to the end of the context
     temperature: float  # 0 = greedy
     top_p: float
     stream: bool = False  # False: the engine may deliver the text in one delta at the end
+    stop: tuple[str, ...] = ()  # generation ends before any of these (not included in the text)
+    seed: int | None = None  # per-request sampling seed
 
 
 @dataclass(frozen=True)

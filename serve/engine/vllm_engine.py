@@ -87,10 +87,14 @@ class VLLMEngine:
             max_tokens=request.max_tokens,
             temperature=request.temperature,
             top_p=request.top_p,
+            stop=list(request.stop) or None,
+            seed=request.seed,
             # Non-streaming callers get one item at the end: no per-token detokenised deltas to ship.
             output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
         )
-        prompt = {"prompt": request.prompt, "multi_modal_data": {"image": request.image}}
+        prompt: dict[str, Any] = {"prompt": request.prompt}
+        if request.image is not None:
+            prompt["multi_modal_data"] = {"image": request.image}
         num_input = num_output = 0
         outcome = "aborted"  # unless the stream finishes or fails below
         cut_short = False

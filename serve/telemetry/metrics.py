@@ -7,7 +7,7 @@ node's). Ray prefixes every name with `ray_`: `llava_requests_total` is scraped 
 `ray_llava_requests_total`, vLLM's `vllm:num_requests_running` as `ray_vllm_num_requests_running`.
 Without a running Ray (unit tests, tools) recording is a no-op.
 
-Labels are bounded: `api` (fal, eachlabs), `route` (the operation, e.g. run, submit, status),
+Labels are bounded: `api` (fal, eachlabs, openai), `route` (the operation, e.g. run, submit, status),
 `status` (HTTP code), `key` (the API key's *name* from the keys file, never the key), `reason`,
 `mode`, `source`, `state`.
 """

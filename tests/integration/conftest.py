@@ -23,10 +23,12 @@ import stack as loadtest_stack  # noqa: E402
 RATE_KEY, RATE_LIMIT = "tests-rate-key-1", 30
 CONC_KEY, CONC_LIMIT = "tests-conc-key-1", 3
 SOLO_KEY = "tests-solo-key-1"  # one request at a time: start timeouts, slots held by streams
+SHARED_KEY, SHARED_LIMIT = "tests-shared-key-1", 3  # one budget across fal, Eachlabs and OpenAI
 LOAD_KEYS = [
     {"key": "tests-load-fal-1", "name": "tests-load-fal", "rate_per_minute": 60, "max_concurrent": 10},
     {"key": "tests-load-burst-1", "name": "tests-load-burst", "rate_per_minute": 600, "max_concurrent": 32},
     {"key": "tests-load-each-1", "name": "tests-load-each", "rate_per_minute": 60, "max_concurrent": 10},
+    {"key": "tests-load-openai-1", "name": "tests-load-openai", "rate_per_minute": 60, "max_concurrent": 10},
 ]
 TEST_KEYS = [
     # The general key (the README's too) gets room for the whole suite; the others test the limits.
@@ -35,6 +37,7 @@ TEST_KEYS = [
     {"key": RATE_KEY, "name": "tests-rate", "rate_per_minute": RATE_LIMIT, "max_concurrent": 1000},
     {"key": CONC_KEY, "name": "tests-conc", "rate_per_minute": 100_000, "max_concurrent": CONC_LIMIT},
     {"key": SOLO_KEY, "name": "tests-solo", "rate_per_minute": 100_000, "max_concurrent": 1},
+    {"key": SHARED_KEY, "name": "tests-shared", "rate_per_minute": SHARED_LIMIT, "max_concurrent": 10},
     # The Locust smoke (test_loadtest_live.py): production's default limits, and one key with room.
     *LOAD_KEYS,
 ]

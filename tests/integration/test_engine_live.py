@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from ray import serve
 
+from serve.api.chat import single_turn
 from serve.app import ENGINE_DEPLOYMENT
 from serve.engine.types import Completion, GenerationRequest, TextDelta
 from tests.integration.conftest import wait_for_abort
@@ -22,7 +23,7 @@ def request(cfg, *, stream: bool, max_tokens: int) -> GenerationRequest:
     return GenerationRequest(
         request_id=str(uuid.uuid4()),
         owner="tests",
-        prompt=cfg.model.render_prompt("Describe the picture."),
+        prompt=single_turn("Describe the picture."),
         image=Image.new("RGB", (50, 80), (10, 100, 200)),
         max_tokens=max_tokens,
         temperature=0.0,

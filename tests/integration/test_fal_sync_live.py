@@ -16,6 +16,7 @@ import pytest
 import requests
 from transformers import AutoTokenizer
 
+from serve.api.chat import single_turn
 from serve.engine.tiny_model import IMAGE_SEQ_LENGTH
 from tests.conftest import LOCAL_KEY, ROOT, data_uri
 from tests.integration.conftest import wait_for_abort
@@ -32,7 +33,7 @@ def run(base, timeout=120, **kw):
 def expected_input_tokens(model_dir, cfg, prompt):
     # The templated prompt's tokens (BOS included) with the one <image> token expanded to 576.
     tok = AutoTokenizer.from_pretrained(model_dir)
-    return len(tok(cfg.model.render_prompt(prompt)).input_ids) - 1 + IMAGE_SEQ_LENGTH
+    return len(tok(single_turn(prompt)).input_ids) - 1 + IMAGE_SEQ_LENGTH
 
 
 def test_answer_with_token_counts_including_image_tokens(stack, stack_config, tiny_model_dir):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from serve.config import ModelConfig
+from serve.api.chat import single_turn
 from serve.engine.tiny_model import IMAGE_SEQ_LENGTH
 
 MAX_TOKENS = 32
@@ -18,7 +18,7 @@ MAX_TOKENS = 32
 
 def _prompt(question: str) -> str:
     # The served template (llava_v1), as the ingress renders it.
-    return ModelConfig(source="unused").render_prompt(question)
+    return single_turn(question)
 
 
 def _image(width: int, height: int, seed: int) -> Image.Image:

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serve.api.chat import single_turn
 from serve.config import ConfigError, load_config, parse_config
 from tests.conftest import CONFIGS
 
@@ -43,7 +44,6 @@ def _raw() -> dict:
         (lambda d: d["engine"].update(max_num_seqs=0), "engine.max_num_seqs: Input should be greater than 0"),
         (lambda d: d["engine"].update(max_num_seq=4), "engine.max_num_seq: Extra inputs are not permitted"),
         (lambda d: d["model"].update(dtype="fp17"), "model.dtype: Input should be"),
-        (lambda d: d["model"].update(prompt_template="no slots"), "model: Value error, prompt_template must contain"),
         (lambda d: d.pop("auth"), "auth: Field required"),
         (
             lambda d: d["engine_deployment"].update(autoscaling={"max_replicas": 2, "target_ongoing_requests": 17}),
@@ -80,8 +80,7 @@ def test_bad_yaml_and_missing_file_are_config_errors(tmp_path):
 
 
 def test_prompt_template_is_llava_v1_and_keeps_braces():
-    cfg = load_config(CONFIGS / "local-cpu.yaml", env={})
-    text = cfg.model.render_prompt("What is {this}?")
+    text = single_turn("What is {this}?")
     assert text.endswith("USER: <image>\nWhat is {this}? ASSISTANT:")
     assert text.startswith("A chat between a curious human and an artificial intelligence assistant.")
 

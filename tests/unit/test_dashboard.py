@@ -55,7 +55,7 @@ def test_importable_shape():
     assert ds["type"] == "datasource" and ds["query"] == "prometheus"
     api = variables["api"]
     assert api["type"] == "custom" and api["includeAll"] is True
-    assert [s.strip() for s in api["query"].split(",")] == ["fal", "eachlabs"]
+    assert [s.strip() for s in api["query"].split(",")] == ["fal", "eachlabs", "openai"]
     assert set(variables) == {"datasource", "api"}  # nothing else filters (no job/namespace)
 
 

@@ -132,7 +132,7 @@ def test_malformed_bodies_unknown_paths_and_ids():
         for raw in (b"{not json", b"[1]"):
             resp = client.post("/v1/prediction/", content=raw, headers={**KEY, "Content-Type": "application/json"})
             assert resp.status_code == 400 and resp.json() == {"error": "Invalid request body"}
-        assert client.get("/v1/models", headers=KEY).json() == {"error": "Not found"}
+        assert client.get("/v1/predictions", headers=KEY).json() == {"error": "Not found"}
         assert client.get("/v1/prediction/nope", headers=KEY).json() == {"error": "Prediction not found"}
         pid = create(client).json()["predictionID"]
         other = {"X-API-Key": "local-test-key"}  # a valid key of another owner

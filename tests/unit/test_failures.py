@@ -13,6 +13,7 @@ from serve.api.eachlabs.errors import ANSWERS as EACHLABS_ANSWERS
 from serve.api.eachlabs.errors import ERROR_CODES
 from serve.api.errors import ApiError, answer
 from serve.api.fal.errors import ANSWERS as FAL_ANSWERS
+from serve.api.openai.errors import ANSWERS as OPENAI_ANSWERS
 from serve.engine.types import EngineInputError, EngineUnavailable, StartTimeout
 from serve.jobs.failures import INTERNAL_MESSAGE, classify
 from serve.jobs.models import Admission, FailureKind, JobError, LimitExceeded, Problem, StoreUnavailable
@@ -76,7 +77,7 @@ def test_an_unexpected_exception_is_internal_and_logged_once_without_reaching_th
     assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None
 
 
-TABLES = {"fal": (FAL_ANSWERS, "detail"), "eachlabs": (EACHLABS_ANSWERS, "error")}
+TABLES = {"fal": (FAL_ANSWERS, "detail"), "eachlabs": (EACHLABS_ANSWERS, "error"), "openai": (OPENAI_ANSWERS, "error")}
 
 
 @pytest.mark.parametrize("api", TABLES)

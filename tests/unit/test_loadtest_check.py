@@ -14,7 +14,8 @@ from tests.conftest import ROOT
 sys.path.insert(0, str(ROOT / "loadtest"))
 import check  # noqa: E402
 
-NAMES = ["fal run", "fal run [429]", "fal stream: complete", "fal queue: complete", "eachlabs: complete"]
+NAMES = ["fal run", "fal run [429]", "fal stream: complete", "fal queue: complete", "eachlabs: complete", "openai chat",
+         "openai stream: complete"]
 
 
 def write_run(tmp_path, failures=0, admitted=None, counts=None, exceptions=0):

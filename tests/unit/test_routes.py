@@ -15,10 +15,11 @@ from fastapi.testclient import TestClient
 from serve.api.context import RequestContextMiddleware, api_name, operation
 from serve.api.eachlabs import routes as eachlabs_routes
 from serve.api.fal import routes as fal_routes
+from serve.api.openai import routes as openai_routes
 from serve.ingress import create_app
 from tests.fakes import FakeEngine, make_services
 
-ROUTERS = {"fal": fal_routes, "eachlabs": eachlabs_routes}
+ROUTERS = {"fal": fal_routes, "eachlabs": eachlabs_routes, "openai": openai_routes}
 # What only the serving layer may touch: limits and slots, the store, the engine and its stream.
 SERVING_ONLY = ("admitted", "generation(", "services.store", "services.engine", "EventStream", "enqueue(")
 

@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from serve.api.chat import single_turn
 from serve.api.eachlabs.errors import error_output
 from serve.api.translate import generation_request
-from serve.config import ModelConfig
 from serve.engine.types import GenerationRequest
 from serve.jobs.models import Job, JobStatus
 
@@ -59,11 +59,11 @@ STATUSES = {
 
 
 def to_generation_request(
-    inp: LlavaInput, *, request_id: str, owner: str, image, model: ModelConfig
+    inp: LlavaInput, *, request_id: str, owner: str, image
 ) -> GenerationRequest:
     # Streamed: the output is the list of chunks as the engine streamed them.
     return generation_request(
-        request_id=request_id, owner=owner, model=model, prompt=inp.prompt, image=image,
+        request_id=request_id, owner=owner, prompt=single_turn(inp.prompt), image=image,
         max_tokens=inp.max_tokens, temperature=inp.temperature, top_p=inp.top_p, stream=True,
     )
 

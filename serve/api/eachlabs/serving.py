@@ -121,9 +121,8 @@ class EachlabsExecutor:
 
     async def run(self, job: Job, log: LogFn) -> JobResult:
         inp = LlavaInput.model_validate(job.input)
-        model = self._services.config.model
         build = lambda image: to_generation_request(  # noqa: E731
-            inp, request_id=job.id, owner=job.owner, image=image, model=model)
+            inp, request_id=job.id, owner=job.owner, image=image)
         return await run_job(self._services, job, inp.image, build, log)
 
     def finished(self, job: Job) -> None:

@@ -7,9 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve.api.chat import single_turn
 from serve.api.fal.errors import job_failure, summary
 from serve.api.translate import generation_request
-from serve.config import ModelConfig
 from serve.engine.types import Completion, GenerationRequest
 from serve.jobs.models import FailureKind, Job, JobError, JobStatus, LogLine
 
@@ -47,10 +47,10 @@ class FalOutput(BaseModel):
 
 
 def to_generation_request(
-    inp: FalInput, *, request_id: str, owner: str, image, model: ModelConfig, stream: bool = False
+    inp: FalInput, *, request_id: str, owner: str, image, stream: bool = False
 ) -> GenerationRequest:
     return generation_request(
-        request_id=request_id, owner=owner, model=model, prompt=inp.prompt, image=image,
+        request_id=request_id, owner=owner, prompt=single_turn(inp.prompt), image=image,
         max_tokens=inp.resolved_max_tokens(), temperature=inp.temperature, top_p=inp.top_p, stream=stream,
     )
 

@@ -68,10 +68,8 @@ def seconds_to_start(raw: str | None) -> float | None:
     return value
 
 
-def _build(services: Services, request_id: str, owner: str, inp: FalInput, *, stream: bool) -> BuildRequest:
-    model = services.config.model
-    return lambda image: to_generation_request(inp, request_id=request_id, owner=owner, image=image, model=model,
-                                               stream=stream)
+def _build(request_id: str, owner: str, inp: FalInput, *, stream: bool) -> BuildRequest:
+    return lambda image: to_generation_request(inp, request_id=request_id, owner=owner, image=image, stream=stream)
 
 
 def _failed(exc: Exception, inp: FalInput) -> ApiError:
@@ -80,7 +78,7 @@ def _failed(exc: Exception, inp: FalInput) -> ApiError:
 
 async def run(services: Services, ctx: RequestContext, caller: Caller, inp: FalInput,
               start_timeout_s: float | None) -> Response:
-    build = _build(services, ctx.request_id, caller.name, inp, stream=False)
+    build = _build(ctx.request_id, caller.name, inp, stream=False)
     try:
         async with generation(services, ctx, caller, inp.image_url, build, stream=False,
                               start_timeout_s=start_timeout_s) as gen:
@@ -95,7 +93,7 @@ async def stream(services: Services, ctx: RequestContext, caller: Caller, inp: F
                  start_timeout_s: float | None) -> Response:
     """SSE of cumulative output (docs/api.md §2.4). Everything that can fail before the first token
     answers as a normal JSON error; the concurrency slot is held until the stream ends."""
-    build = _build(services, ctx.request_id, caller.name, inp, stream=True)
+    build = _build(ctx.request_id, caller.name, inp, stream=True)
     try:
         gen, end = await open_generation(services, ctx, caller, inp.image_url, build, stream=True,
                                          start_timeout_s=start_timeout_s)
@@ -214,7 +212,7 @@ class FalExecutor:
 
     async def run(self, job: Job, log: LogFn) -> JobResult:
         inp = FalInput.model_validate(job.input)
-        build = _build(self._services, job.id, job.owner, inp, stream=True)
+        build = _build(job.id, job.owner, inp, stream=True)
         return await run_job(self._services, job, inp.image_url, build, log)
 
     def finished(self, job: Job) -> None:

@@ -1,0 +1,53 @@
+"""LLaVA-1.5's conversation template: messages -> the prompt text the engine tokenizes.
+
+Every API renders through here (fal and Eachlabs as one user turn with the image), with the Jinja
+template shipped beside this module, flattening content exactly as vLLM's chat renderer does for a
+template that reads `content` as a string. So `vllm serve --chat-template serve/api/llava_v1.jinja`
+turns the same messages into the same tokens (docs/api.md §8.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Sequence
+
+from jinja2 import StrictUndefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+TEMPLATE_PATH = Path(__file__).with_name("llava_v1.jinja")
+IMAGE_TOKEN = "<image>"  # LLaVA-1.5's image placeholder: vLLM expands it to the image's 576 tokens
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: Role
+    texts: tuple[str, ...]
+    images: int = 0  # how many images the message carries (the request holds their data)
+
+    def content(self) -> str:
+        # vLLM's flattening for a string template: one placeholder line per image ahead of the texts,
+        # texts joined by newlines, wherever the image parts stood.
+        text = "\n".join(self.texts)
+        return "\n".join([IMAGE_TOKEN] * self.images + [text]) if self.images else text
+
+
+@lru_cache(maxsize=1)
+def _template():
+    # The environment transformers (and so vLLM) renders chat templates in.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=StrictUndefined)
+    return env.from_string(TEMPLATE_PATH.read_text())
+
+
+def render(turns: Sequence[Turn]) -> str:
+    """The prompt for the model's next (assistant) turn."""
+    messages = [{"role": t.role, "content": t.content()} for t in turns]
+    return _template().render(messages=messages, add_generation_prompt=True)
+
+
+def single_turn(prompt: str, images: int = 1) -> str:
+    """One user question about one image: the fal and Eachlabs prompts."""
+    return render([Turn("user", (prompt,), images)])

@@ -1,0 +1,140 @@
+"""OpenAI's serving layer (docs/api.md §8): chat completions, JSON or SSE, and the model list.
+
+Routes (routes.py) read the request and call these; the shared core (serve/api/serving.py) owns limits
+and the engine stream's lifetime, so one key's budget is the same across fal, Eachlabs and this API.
+What is OpenAI's here is only its shapes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import AsyncGenerator, AsyncIterator
+
+from fastapi import Response
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from serve.api.errors import ApiError, answer
+from serve.api.limits import rate_limit_headers
+from serve.api.openai.errors import ANSWERS, invalid, invalid_request, model_not_found
+from serve.api.openai.protocol import (
+    Answer,
+    ChatRequest,
+    Conversation,
+    conversation,
+    model_card,
+    to_generation_request,
+    unsupported,
+)
+from serve.api.serving import BuildRequest, complete, generation, open_generation
+from serve.api.services import Services
+from serve.api.sse import EventStream, event
+from serve.auth import Caller
+from serve.engine.types import EngineUnavailable, StreamItem, TextDelta
+from serve.telemetry.access import RequestContext
+from serve.telemetry.metrics import metrics
+
+DONE = b"data: [DONE]\n\n"
+
+
+def parse(services: Services, body: bytes) -> tuple[ChatRequest, Conversation]:
+    """The request, checked before it costs any quota: schema, model, what LLaVA-1.5 can do."""
+    try:
+        req = ChatRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise invalid_request(exc) from None
+    if req.model != services.config.model.served_name:
+        raise model_not_found(req.model)
+    if name := unsupported(req):
+        why = "must be 1: one choice per request" if name == "n" else "is not supported by this server; leave it unset"
+        raise invalid(f"'{name}' {why} (LLaVA-1.5 chat completions).", name)
+    if req.stream_options is not None and not req.stream:
+        raise invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
+    limit, name = req.output_limit()
+    context = services.config.engine.max_model_len
+    if limit is not None and limit > context:
+        raise invalid(f"'{name}' is too large: the model's context is {context} tokens.", name)
+    return req, conversation(req)
+
+
+def _build(req: ChatRequest, conv: Conversation, ctx: RequestContext, caller: Caller) -> BuildRequest:
+    limit, _ = req.output_limit()
+    return lambda image: to_generation_request(req, conv, request_id=ctx.request_id, owner=caller.name, image=image,
+                                               max_tokens=limit)
+
+
+def _failed(exc: BaseException, conv: Conversation) -> ApiError:
+    return answer(ANSWERS, exc, {"image_param": conv.image_param})
+
+
+def _answer(services: Services, ctx: RequestContext) -> Answer:
+    return Answer(id=f"chatcmpl-{ctx.request_id}", created=int(time.time()), model=services.config.model.served_name)
+
+
+async def chat(
+    services: Services, ctx: RequestContext, caller: Caller, req: ChatRequest, conv: Conversation
+) -> Response:
+    if req.stream:
+        return await _stream(services, ctx, caller, req, conv)
+    try:
+        async with generation(services, ctx, caller, conv.image_url, _build(req, conv, ctx, caller),
+                              stream=False) as gen:
+            chunks, done = await complete(gen, ctx, caller)
+    except Exception as exc:
+        raise _failed(exc, conv) from None
+    body = _answer(services, ctx).completion("".join(chunks), done)
+    return JSONResponse(body, headers={**rate_limit_headers(gen.admission), "x-request-id": ctx.request_id})
+
+
+async def _stream(services: Services, ctx: RequestContext, caller: Caller, req: ChatRequest,
+                  conv: Conversation) -> Response:
+    """SSE of chat.completion.chunk (docs/api.md §8.5). Everything that can fail before the first token
+    answers as a normal JSON error; the concurrency slot is held until the stream ends."""
+    ctx.operation = "chat_stream"  # one path, two operations
+    try:
+        gen, end = await open_generation(services, ctx, caller, conv.image_url, _build(req, conv, ctx, caller),
+                                         stream=True)
+    except Exception as exc:
+        raise _failed(exc, conv) from None
+    with_usage = req.stream_options is not None and req.stream_options.include_usage
+    events = _chunks(gen.items, _answer(services, ctx), with_usage, conv, ctx, caller)
+    return EventStream(events, headers={**rate_limit_headers(gen.admission), "x-request-id": ctx.request_id},
+                       cleanup=end)
+
+
+async def _chunks(
+    items: AsyncIterator[StreamItem], ans: Answer, with_usage: bool, conv: Conversation, ctx: RequestContext,
+    caller: Caller,
+) -> AsyncGenerator[bytes, None]:
+    yield event(ans.chunk({"role": "assistant", "content": ""}, with_usage=with_usage))
+    try:
+        async for item in items:
+            if isinstance(item, TextDelta):
+                if item.text:
+                    yield event(ans.chunk({"content": item.text}, with_usage=with_usage))
+                continue
+            metrics().generated(ctx.api, caller.name, item.num_input_tokens, item.num_output_tokens)
+            yield event(ans.chunk({}, item.finish_reason, with_usage=with_usage))
+            if with_usage:
+                yield event(ans.usage_chunk(item))
+            yield DONE
+            return
+        raise EngineUnavailable("engine stream ended without a completion")
+    except Exception as exc:
+        # Mid-stream failure (docs/api.md §8.5): an error event the SDKs raise, then the end of the stream.
+        yield event(_failed(exc, conv).body)
+        yield DONE
+
+
+def models(services: Services) -> Response:
+    return JSONResponse({"object": "list", "data": [_card(services)]})
+
+
+def model(services: Services, model_id: str) -> Response:
+    if model_id != services.config.model.served_name:
+        raise model_not_found(model_id)
+    return JSONResponse(_card(services))
+
+
+def _card(services: Services) -> dict:
+    return model_card(services.config.model.served_name, services.started)
