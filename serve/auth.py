@@ -93,3 +93,9 @@ class KeyRing:
             if hmac.compare_digest(known, digest):
                 found = caller
         return found
+
+
+def credentials(authorization: str) -> tuple[str, str]:
+    """An `Authorization` header's (scheme, lowercased; token): ("", "") when there is none."""
+    scheme, _, token = authorization.strip().partition(" ")
+    return scheme.lower(), token.strip()

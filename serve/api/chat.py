@@ -16,10 +16,12 @@ from typing import Literal, Sequence
 from jinja2 import StrictUndefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from serve.engine.types import EngineInputError
+
 TEMPLATE_PATH = Path(__file__).with_name("llava_v1.jinja")
 IMAGE_TOKEN = "<image>"  # LLaVA-1.5's image placeholder: vLLM expands it to the image's 576 tokens
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "developer", "user", "assistant"]  # developer: a system message by its newer name
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class Turn:
     def content(self) -> str:
         # vLLM's flattening for a string template: one placeholder line per image ahead of the texts,
         # texts joined by newlines, wherever the image parts stood.
+        if any(IMAGE_TOKEN in t for t in self.texts):
+            # It would stand for an image the request does not carry (docs/api.md §8.2).
+            raise EngineInputError(f"The text may not contain the image placeholder {IMAGE_TOKEN}.")
         text = "\n".join(self.texts)
         return "\n".join([IMAGE_TOKEN] * self.images + [text]) if self.images else text
 

@@ -15,7 +15,7 @@ from PIL import Image
 from serve.api.limits import admitted
 from serve.api.services import Services
 from serve.auth import Caller
-from serve.engine.types import Completion, GenerationRequest, StreamItem, collect, started
+from serve.engine.types import Completion, EngineUnavailable, GenerationRequest, StreamItem, collect, started
 from serve.jobs.models import Admission, Job, JobResult, LimitExceeded
 from serve.jobs.runner import LogFn
 from serve.telemetry.access import RequestContext
@@ -76,6 +76,17 @@ async def open_generation(*args: Any, **kwargs: Any) -> tuple[Generation, Callab
     held = AsyncExitStack()
     gen = await held.enter_async_context(generation(*args, **kwargs))
     return gen, held.aclose
+
+
+async def streamed(gen: Generation, ctx: RequestContext, caller: Caller) -> AsyncGenerator[StreamItem, None]:
+    """A streamed answer's engine items, up to and including its completion (counted in the metrics); a
+    stream that ends without one raises, for the API to end its stream with an error."""
+    async for item in gen.items:
+        yield item
+        if isinstance(item, Completion):
+            metrics().generated(ctx.api, caller.name, item.num_input_tokens, item.num_output_tokens)
+            return
+    raise EngineUnavailable("engine stream ended without a completion")
 
 
 async def complete(gen: Generation, ctx: RequestContext, caller: Caller) -> tuple[list[str], Completion]:

@@ -83,15 +83,18 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        params = SamplingParams(
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            stop=list(request.stop) or None,
-            seed=request.seed,
-            # Non-streaming callers get one item at the end: no per-token detokenised deltas to ship.
-            output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
-        )
+        try:  # vLLM validates the parameters here (an empty stop string, say): the request's fault, a 4xx
+            params = SamplingParams(
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                stop=list(request.stop) or None,
+                seed=request.seed,
+                # Non-streaming callers get one item at the end: no per-token detokenised deltas to ship.
+                output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
+            )
+        except VLLMClientError as exc:
+            raise EngineInputError(str(exc)) from None
         prompt: dict[str, Any] = {"prompt": request.prompt}
         if request.image is not None:
             prompt["multi_modal_data"] = {"image": request.image}

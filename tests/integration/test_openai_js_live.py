@@ -1,13 +1,19 @@
 """OpenAI chat completions on the live stack with the official JS SDK, `openai@6.49.0`, pointed at
-`<stack>/v1`: one completion with an image, and a stream with `stream_options.include_usage`."""
+`<stack>/v1`: one completion with an image, and a stream with `stream_options.include_usage`; and the CORS
+preflight a browser sends for it."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
+from fastapi.testclient import TestClient
+
+from serve.ingress import create_app
 from tests.conftest import LOCAL_KEY, ROOT, data_uri
+from tests.fakes import FakeEngine, make_services
 
 SDK = ROOT / "tests" / "clients" / "js"
 MAX_TOKENS = 8  # what openai.mjs asks for; the test model emits one character per token, never stopping early
@@ -52,7 +58,6 @@ def test_js_openai_stream_with_usage(stack, stack_config):
     out = openai_js(stack, stack_config.model.served_name, "stream")
     chunks = out["chunks"]
     assert len(chunks) >= 2, chunks  # the completion's, then the usage
-    assert out["ids"] == [chunk["id"] for chunk in chunks]
     # One completion: every chunk carries its id and creation time, in OpenAI's chunk shape.
     assert len({chunk["id"] for chunk in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-"), chunks
     assert len({chunk["created"] for chunk in chunks}) == 1 and is_int(chunks[0]["created"]), chunks
@@ -69,3 +74,18 @@ def test_js_openai_stream_with_usage(stack, stack_config):
     assert last["choices"] == [] and out["usageChunk"] == last, chunks
     assert_usage(last["usage"])
     assert all(chunk.get("usage") is None for chunk in body), chunks
+
+
+def test_a_browser_preflight_admits_every_header_the_sdk_sends():
+    """openai with dangerouslyAllowBrowser: the preflight must admit each header the SDK can set, read from its
+    own source, so a new one in a future SDK fails here (docs/api.md §1.4)."""
+    found = set()
+    for path in (SDK / "node_modules" / "openai").rglob("*.mjs"):
+        found |= {h.lower() for h in re.findall(r"[Xx]-[Ss]tainless-[A-Za-z-]+|OpenAI-(?:Organization|Project)",
+                                                  path.read_text(errors="replace"))}
+    assert "x-stainless-helper-method" in found and "openai-project" in found, found  # the scan sees them
+    with TestClient(create_app(make_services(FakeEngine()))) as client:
+        resp = client.options("/v1/chat/completions", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": ",".join(["authorization", "content-type", *sorted(found)])})
+    assert resp.status_code == 200, resp.text

@@ -76,8 +76,9 @@ def test_seed_and_stop_reach_the_sampler(stack, model):
         def sample(**kw):
             return c.chat.completions.create(model=model, messages=ask(), max_tokens=24, temperature=1.0, **kw)
 
-        a, b = sample(seed=1234), sample(seed=1234)
+        a, b, other = sample(seed=1234), sample(seed=1234), sample(seed=4321)
         assert a.choices[0].message.content == b.choices[0].message.content  # same seed, same sample
+        assert other.choices[0].message.content != a.choices[0].message.content  # the seed is what decides
         text = a.choices[0].message.content
         cut = text[8]
         stopped = sample(seed=1234, stop=[cut])
@@ -130,6 +131,9 @@ def test_errors_map_to_the_sdk_exceptions(stack, model):
             c.chat.completions.create(model=model, max_tokens=2, messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": "http://10.255.255.1/a.png"}}]}])
         assert unreachable.value.code == "invalid_image_url"
+        with pytest.raises(openai.BadRequestError) as empty_stop:  # vLLM refuses it too: a 400, never a 500
+            c.chat.completions.create(model=model, messages=ask(), max_tokens=2, stop="")
+        assert empty_stop.value.param == "stop"
 
 
 def test_one_budget_across_fal_and_openai_and_a_429_with_retry_after(stack, model):

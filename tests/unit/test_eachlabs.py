@@ -139,11 +139,12 @@ def test_malformed_bodies_unknown_paths_and_ids():
         assert client.get(f"/v1/prediction/{pid}", headers=other).status_code == 404  # another key's
 
 
-@pytest.mark.parametrize("image, code", [("data:image/png;base64,aGVsbG8=", "INPUT_VALIDATION_ERROR"),
-                                         ("http://127.0.0.1:1/x.png", "INPUT_DOWNLOAD_ERROR")])
-def test_failed_predictions_are_200_with_an_error_output(image, code):
+@pytest.mark.parametrize("change, code", [({"image": "data:image/png;base64,aGVsbG8="}, "INPUT_VALIDATION_ERROR"),
+                                          ({"image": "http://127.0.0.1:1/x.png"}, "INPUT_DOWNLOAD_ERROR"),
+                                          ({"prompt": "a second <image> here"}, "INPUT_VALIDATION_ERROR")])
+def test_failed_predictions_are_200_with_an_error_output(change, code):
     with client_for(FakeEngine()) as client:
-        done = wait(client, create(client, input={**DOC_INPUT, "image": image}).json()["predictionID"])
+        done = wait(client, create(client, input={**DOC_INPUT, **change}).json()["predictionID"])
     assert done["status"] == "error"
     assert done["output"]["error_code"] == code and done["output"]["error_message"]
     assert "predict_time" in done["metrics"]

@@ -14,7 +14,7 @@ from serve.api.chat import single_turn
 from serve.engine.types import EngineUnavailable, TextDelta
 from serve.ingress import create_app
 from tests.conftest import data_uri
-from tests.fakes import FakeEngine, make_services
+from tests.fakes import FakeEngine, SlowEngine, make_services
 
 KEY = "local-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -146,6 +146,7 @@ def test_auth_and_model_errors():
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"stop": ["a", ""]}, "stop[1]"),
+    ({"stop": ""}, "stop"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"stop": 3}, "stop"),
     ({"seed": 2**64}, "seed"),
@@ -190,15 +191,51 @@ def test_ignored_fields_are_ignored():
     assert resp.status_code == 200, resp.text
 
 
-def test_bad_image_is_400_naming_the_part():
-    client, _ = client_for()
+def test_bad_image_is_400_naming_the_part(tmp_path):
+    client, _ = client_for(tmp_path=tmp_path, rate=2)
     bad = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     with client:
+        for url in ("ftp://x/a.png", "javascript:1", "/a.png"):  # refused before the limits: no quota spent
+            assert_error(chat(client, messages=[user({"type": "image_url", "image_url": {"url": url}})]), 400,
+                         "messages[0].content[0].image_url.url", "invalid_image_url")
         err = assert_error(chat(client, messages=[user(bad)]), 400, "messages[0].content[0].image_url.url",
                            "invalid_image_format")
-        assert_error(chat(client, messages=[user({"type": "image_url", "image_url": {"url": "ftp://x/a.png"}})]), 400,
-                     "messages[0].content[0].image_url.url", "invalid_image_format")
+        assert chat(client).status_code == 200  # the second of the key's two
     assert "AAAA" not in err["message"]
+
+
+def test_nulls_and_the_developer_role_are_accepted():
+    engine = FakeEngine()
+    client, _ = client_for(engine)
+    nulls = {k: None for k in ("temperature", "top_p", "n", "stream", "logprobs", "stop", "seed", "max_tokens",
+                                "stream_options", "tools", "response_format")}
+    with client:
+        resp = chat(client, **nulls, messages=[{"role": "developer", "content": "Be brief."}, user(IMAGE)])
+    assert resp.status_code == 200, resp.text
+    (req,) = engine.requests
+    assert (req.temperature, req.top_p, req.max_tokens, req.stream) == (1.0, 1.0, None, False)
+    assert req.prompt.startswith("Be brief. USER: <image>\n")  # a developer message is the system prompt
+
+
+def test_the_image_placeholder_is_refused_by_every_api():
+    """Text holding LLaVA's "<image>" would stand for an image the request does not carry (docs/api.md §8.2)."""
+    engine = FakeEngine()
+    client, _ = client_for(engine)
+    fal = {"prompt": "two <image> here", "image_url": data_uri()}
+    with client:
+        resp = client.post("/fal-ai/llavav15-13b", json=fal, headers={"Authorization": f"Key {KEY}"})
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "prompt"], resp.text
+    assert not engine.requests
+
+
+def test_the_concurrency_cap_is_shared_and_answered_429(tmp_path):
+    client, _ = client_for(SlowEngine(delay=0.05), tmp_path=tmp_path, concurrent=1)
+    with client:
+        with client.stream("POST", "/v1/chat/completions", headers=AUTH, json={
+                "model": MODEL, "messages": [user(IMAGE)], "max_tokens": 100, "stream": True}) as held:
+            assert held.status_code == 200
+            err = assert_error(chat(client), 429, None, "rate_limit_exceeded")  # the one slot is the stream's
+        assert "concurrent" in err["message"] and chat(client).status_code == 200  # freed when the stream ended
 
 
 def test_one_budget_per_key_across_apis(tmp_path):
@@ -252,8 +289,12 @@ _FIELDS = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "stop"
            "stream_options", "logprobs", "tools", "response_format", "user"]
 
 
+_VALID = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]),
+                                         "content": st.text(max_size=20)}), min_size=1, max_size=3)
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(messages=st.lists(_MESSAGE, max_size=3) | _JSON,
+@given(messages=_VALID | st.lists(_MESSAGE, max_size=3) | _JSON,
        extra=st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=4))
 def test_any_body_is_answered_in_shape(openai_client, messages, extra):
     """Whatever JSON arrives, the answer is a 200 or a 4xx in OpenAI's error shape, never a 5xx."""

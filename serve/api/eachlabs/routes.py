@@ -9,7 +9,7 @@ from serve.api.eachlabs import serving
 from serve.api.eachlabs.errors import ANSWERS, error
 from serve.api.errors import shaped_errors
 from serve.api.services import Services, get_services
-from serve.auth import Caller
+from serve.auth import Caller, credentials
 
 # Failures answer {"error": ...}; every route is the Eachlabs API's.
 router = APIRouter(route_class=shaped_errors(ANSWERS), dependencies=[Depends(api_name("eachlabs"))])
@@ -18,9 +18,9 @@ router = APIRouter(route_class=shaped_errors(ANSWERS), dependencies=[Depends(api
 async def each_caller(request: Request, services: Services = Depends(get_services)) -> Caller:
     # X-API-Key (any case: HTTP header names are case-insensitive) or Authorization: Bearer.
     key = request.headers.get("x-api-key", "").strip()
-    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
-    if not key and scheme.lower() == "bearer":
-        key = token.strip()
+    scheme, token = credentials(request.headers.get("authorization", ""))
+    if not key and scheme == "bearer":
+        key = token
     caller = services.keys.authenticate(key) if key else None
     if caller is None:
         raise error(401, "Invalid or missing API key")

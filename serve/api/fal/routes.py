@@ -14,7 +14,7 @@ from serve.api.fal import serving
 from serve.api.fal.errors import ANSWERS, flat_error
 from serve.api.fal.protocol import APP_ID
 from serve.api.services import Services, get_services
-from serve.auth import Caller
+from serve.auth import Caller, credentials
 
 # Every failure in fal's shape (docs/api.md §2.7); every route is the fal API's.
 router = APIRouter(route_class=shaped_errors(ANSWERS), dependencies=[Depends(api_name("fal"))])
@@ -25,8 +25,8 @@ async def fal_caller(request: Request, services: Services = Depends(get_services
     header = request.headers.get("authorization", "")
     if not header.strip():
         raise flat_error(401, "Authentication is required")
-    scheme, _, token = header.strip().partition(" ")
-    caller = services.keys.authenticate(token.strip()) if scheme.lower() in ("key", "bearer") else None
+    scheme, token = credentials(header)
+    caller = services.keys.authenticate(token) if scheme in ("key", "bearer") else None
     if caller is None:
         raise flat_error(401, "No user found for Key ID and Secret")
     context(request).key_name = caller.name

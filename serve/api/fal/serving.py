@@ -27,7 +27,16 @@ from serve.api.fal.protocol import (
     webhook_payload,
 )
 from serve.api.limits import rate_limit_headers
-from serve.api.serving import BuildRequest, accept, complete, generation, open_generation, run_job, send_webhook
+from serve.api.serving import (
+    BuildRequest,
+    accept,
+    complete,
+    generation,
+    open_generation,
+    run_job,
+    send_webhook,
+    streamed,
+)
 from serve.api.services import Services
 from serve.api.sse import EventStream, event
 from serve.auth import Caller
@@ -36,7 +45,6 @@ from serve.jobs.models import CancelOutcome, Job, JobResult
 from serve.jobs.runner import LogFn
 from serve.net.pinned import url_problem
 from serve.telemetry.access import RequestContext
-from serve.telemetry.metrics import metrics
 
 _OBJECT = TypeAdapter(dict[str, Any])
 _CANCEL = {
@@ -99,13 +107,11 @@ async def stream(services: Services, ctx: RequestContext, caller: Caller, inp: F
                                          start_timeout_s=start_timeout_s)
     except Exception as exc:
         raise _failed(exc, inp) from None
-    events = _output_events(gen.items, inp, ctx, caller)
-    return EventStream(events, headers=rate_limit_headers(gen.admission), cleanup=end)
+    return EventStream(_output_events(streamed(gen, ctx, caller), inp), headers=rate_limit_headers(gen.admission),
+                       cleanup=end)
 
 
-async def _output_events(
-    items: AsyncIterator[StreamItem], inp: FalInput, ctx: RequestContext, caller: Caller
-) -> AsyncGenerator[bytes, None]:
+async def _output_events(items: AsyncIterator[StreamItem], inp: FalInput) -> AsyncGenerator[bytes, None]:
     text = ""
     try:
         async for item in items:
@@ -113,10 +119,7 @@ async def _output_events(
                 text += item.text
                 yield event({"output": text, "partial": True})
             else:
-                metrics().generated(ctx.api, caller.name, item.num_input_tokens, item.num_output_tokens)
                 yield event(to_output(text, item).model_dump(exclude_none=True))
-                return
-        raise RuntimeError("engine stream ended without a completion")
     except Exception as exc:
         # Mid-stream failure (docs/api.md §2.4): a final event with what was generated and why it stopped.
         message, _ = summary(_failed(exc, inp))

@@ -14,6 +14,7 @@ from serve.engine.types import Completion, GenerationRequest
 
 MAX_IMAGES = 1  # LLaVA-1.5 takes one image per prompt
 MAX_STOP = 4  # OpenAI's bound on stop sequences
+IMAGE_SCHEMES = ("http", "https", "data")  # what the image intake loads (docs/api.md §8.2)
 _INT64 = 2**63
 
 
@@ -61,16 +62,16 @@ Content = Annotated[
 ]
 
 
+_StopString = Annotated[str, Field(min_length=1)]  # vLLM refuses an empty stop string
 Stop = Annotated[
-    Annotated[str, Tag("~str")] | Annotated[list[Annotated[str, Field(min_length=1)]], Tag("~list"),
-                                            Field(max_length=MAX_STOP)],
+    Annotated[_StopString, Tag("~str")] | Annotated[list[_StopString], Tag("~list"), Field(max_length=MAX_STOP)],
     Discriminator(_content_kind, custom_error_type="invalid_stop",
                   custom_error_message=f"stop must be a string or a list of up to {MAX_STOP} strings."),
 ]
 
 
 class Message(_Wire):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: Content
     name: str | None = Field(None, description="Accepted and ignored (the template has no names).")
 
@@ -84,15 +85,16 @@ class ChatRequest(_Wire):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of max_completion_tokens.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, ge=0, le=1)
+    # null is every optional parameter's default, as in OpenAI's API (the SDKs send it for an explicit None).
+    temperature: float | None = Field(None, ge=0, le=2, description="Default 1.")
+    top_p: float | None = Field(None, ge=0, le=1, description="Default 1.")
     stop: Stop | None = None
     seed: int | None = Field(None, ge=-_INT64, lt=_INT64)
-    n: int = Field(1, ge=1)
-    stream: bool = False
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     # OpenAI parameters this server cannot honour: refused unless at their neutral value (unsupported()).
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -113,10 +115,22 @@ class ChatRequest(_Wire):
         return self.max_tokens, "max_tokens"
 
 
+def check(req: ChatRequest, max_model_len: int) -> None:
+    """What the schema cannot say: refused parameters, the stream_options rule, the context bound."""
+    if name := unsupported(req):
+        why = "must be 1: one choice per request" if name == "n" else "is not supported by this server; leave it unset"
+        raise invalid(f"'{name}' {why} (LLaVA-1.5 chat completions).", name)
+    if req.stream_options is not None and not req.stream:
+        raise invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
+    limit, name = req.output_limit()
+    if limit is not None and limit > max_model_len:
+        raise invalid(f"'{name}' is too large: the model's context is {max_model_len} tokens.", name)
+
+
 def unsupported(req: ChatRequest) -> str | None:
     """The first parameter set to something this server cannot do, or None."""
     neutral = {
-        "n": req.n == 1, "logprobs": not req.logprobs, "top_logprobs": req.top_logprobs in (None, 0),
+        "n": req.n in (None, 1), "logprobs": not req.logprobs, "top_logprobs": req.top_logprobs in (None, 0),
         "tools": not req.tools, "tool_choice": req.tool_choice in (None, "none"), "functions": not req.functions,
         "function_call": req.function_call in (None, "none"),
         "response_format": req.response_format in (None, {"type": "text"}),
@@ -140,8 +154,8 @@ def conversation(req: ChatRequest) -> Conversation:
     """The messages as LLaVA-1.5's prompt; refuses what the model cannot take (docs/api.md §8.2)."""
     turns, image_url, image_param = [], None, None
     for i, msg in enumerate(req.messages):
-        if msg.role == "system" and i > 0:
-            raise invalid("A system message may only be the first message.", f"messages[{i}].role")
+        if msg.role in ("system", "developer") and i > 0:
+            raise invalid(f"A {msg.role} message may only be the first message.", f"messages[{i}].role")
         parts = [TextPart(type="text", text=msg.content)] if isinstance(msg.content, str) else msg.content
         texts, images = [], 0
         for j, part in enumerate(parts):
@@ -153,6 +167,10 @@ def conversation(req: ChatRequest) -> Conversation:
                     raise invalid(f"At most {MAX_IMAGES} image may be provided in one request (LLaVA-1.5 "
                                   "takes one image per prompt).", where)
                 image_url, image_param, images = part.image_url.url, f"{where}.image_url.url", 1
+                if part.image_url.url.strip().partition(":")[0].lower() not in IMAGE_SCHEMES:
+                    # Refused here, before the limits: a malformed request costs no quota.
+                    raise invalid("image_url.url must be an http(s) URL or a data: URI.", image_param,
+                                  "invalid_image_url")
             elif IMAGE_TOKEN in part.text:
                 raise invalid(f"Text may not contain the image placeholder {IMAGE_TOKEN}; send images as "
                               "image_url parts.", where)
@@ -168,7 +186,8 @@ def to_generation_request(
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     return generation_request(
         request_id=request_id, owner=owner, prompt=conv.prompt, image=image, max_tokens=max_tokens,
-        temperature=req.temperature, top_p=req.top_p, stream=req.stream, stop=stop, seed=req.seed,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, stream=bool(req.stream), stop=stop, seed=req.seed,
     )
 
 

@@ -9,11 +9,12 @@ from serve.api.errors import shaped_errors
 from serve.api.openai import serving
 from serve.api.openai.errors import ANSWERS, error
 from serve.api.services import Services, get_services
-from serve.auth import Caller
+from serve.auth import Caller, credentials
 
 # What OpenAI's SDKs send besides the usual headers (a browser preflight must admit them, docs/api.md §1.4).
-SDK_HEADERS = ("openai-organization", "openai-project", "x-stainless-arch", "x-stainless-lang", "x-stainless-os",
-               "x-stainless-package-version", "x-stainless-retry-count", "x-stainless-runtime",
+SDK_HEADERS = ("openai-organization", "openai-project", "x-stainless-arch", "x-stainless-custom-poll-interval",
+               "x-stainless-helper-method", "x-stainless-lang", "x-stainless-os", "x-stainless-package-version",
+               "x-stainless-poll-helper", "x-stainless-retry-count", "x-stainless-runtime",
                "x-stainless-runtime-version", "x-stainless-timeout")
 
 # Every failure in OpenAI's shape (docs/api.md §8.6); every route is the OpenAI API's.
@@ -21,8 +22,8 @@ router = APIRouter(route_class=shaped_errors(ANSWERS), dependencies=[Depends(api
 
 
 async def openai_caller(request: Request, services: Services = Depends(get_services)) -> Caller:
-    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
-    caller = services.keys.authenticate(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+    scheme, token = credentials(request.headers.get("authorization", ""))
+    caller = services.keys.authenticate(token) if scheme == "bearer" and token else None
     if caller is None:  # never the key presented: it may be a real one, mistyped
         raise error(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
                     "invalid_request_error", None, "invalid_api_key")

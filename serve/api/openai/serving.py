@@ -16,23 +16,22 @@ from pydantic import ValidationError
 
 from serve.api.errors import ApiError, answer
 from serve.api.limits import rate_limit_headers
-from serve.api.openai.errors import ANSWERS, invalid, invalid_request, model_not_found
+from serve.api.openai.errors import ANSWERS, invalid_request, model_not_found
 from serve.api.openai.protocol import (
     Answer,
     ChatRequest,
     Conversation,
+    check,
     conversation,
     model_card,
     to_generation_request,
-    unsupported,
 )
-from serve.api.serving import BuildRequest, complete, generation, open_generation
+from serve.api.serving import BuildRequest, complete, generation, open_generation, streamed
 from serve.api.services import Services
 from serve.api.sse import EventStream, event
 from serve.auth import Caller
-from serve.engine.types import EngineUnavailable, StreamItem, TextDelta
+from serve.engine.types import StreamItem, TextDelta
 from serve.telemetry.access import RequestContext
-from serve.telemetry.metrics import metrics
 
 DONE = b"data: [DONE]\n\n"
 
@@ -45,15 +44,7 @@ def parse(services: Services, body: bytes) -> tuple[ChatRequest, Conversation]:
         raise invalid_request(exc) from None
     if req.model != services.config.model.served_name:
         raise model_not_found(req.model)
-    if name := unsupported(req):
-        why = "must be 1: one choice per request" if name == "n" else "is not supported by this server; leave it unset"
-        raise invalid(f"'{name}' {why} (LLaVA-1.5 chat completions).", name)
-    if req.stream_options is not None and not req.stream:
-        raise invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
-    limit, name = req.output_limit()
-    context = services.config.engine.max_model_len
-    if limit is not None and limit > context:
-        raise invalid(f"'{name}' is too large: the model's context is {context} tokens.", name)
+    check(req, services.config.engine.max_model_len)
     return req, conversation(req)
 
 
@@ -97,14 +88,13 @@ async def _stream(services: Services, ctx: RequestContext, caller: Caller, req: 
     except Exception as exc:
         raise _failed(exc, conv) from None
     with_usage = req.stream_options is not None and req.stream_options.include_usage
-    events = _chunks(gen.items, _answer(services, ctx), with_usage, conv, ctx, caller)
+    events = _chunks(streamed(gen, ctx, caller), _answer(services, ctx), with_usage, conv)
     return EventStream(events, headers={**rate_limit_headers(gen.admission), "x-request-id": ctx.request_id},
                        cleanup=end)
 
 
 async def _chunks(
-    items: AsyncIterator[StreamItem], ans: Answer, with_usage: bool, conv: Conversation, ctx: RequestContext,
-    caller: Caller,
+    items: AsyncIterator[StreamItem], ans: Answer, with_usage: bool, conv: Conversation
 ) -> AsyncGenerator[bytes, None]:
     yield event(ans.chunk({"role": "assistant", "content": ""}, with_usage=with_usage))
     try:
@@ -113,13 +103,10 @@ async def _chunks(
                 if item.text:
                     yield event(ans.chunk({"content": item.text}, with_usage=with_usage))
                 continue
-            metrics().generated(ctx.api, caller.name, item.num_input_tokens, item.num_output_tokens)
             yield event(ans.chunk({}, item.finish_reason, with_usage=with_usage))
             if with_usage:
                 yield event(ans.usage_chunk(item))
             yield DONE
-            return
-        raise EngineUnavailable("engine stream ended without a completion")
     except Exception as exc:
         # Mid-stream failure (docs/api.md §8.5): an error event the SDKs raise, then the end of the stream.
         yield event(_failed(exc, conv).body)

@@ -57,7 +57,6 @@ const scenarios = {
     rec.chunks = [];
     for await (const chunk of stream) rec.chunks.push(copy(chunk));
     const choices = rec.chunks.flatMap((c) => c.choices ?? []);
-    rec.ids = rec.chunks.map((c) => c.id);
     rec.content = choices.map((c) => c.delta?.content ?? "").join("");
     rec.finishReason = choices.map((c) => c.finish_reason).find((r) => r != null) ?? null;
     rec.usageChunk = rec.chunks.find((c) => c.usage != null) ?? null;
