@@ -14,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 serve: install tiny-model
 	$(VENV)/bin/llava-serve run $(CONFIG)
 
-test: install redis-server js-clients deploy-tools tiny-model
+test: install redis-server js-clients deploy-tools image-tools tiny-model
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 check: install tiny-model
@@ -47,6 +47,21 @@ $(LINT)/.installed: tools/lint-requirements.txt tools/lint-constraints.txt
 	test -x $(LINT)/bin/python || $(PYTHON) -m venv $(LINT)
 	$(LINT)/bin/pip install -q -r tools/lint-requirements.txt -c tools/lint-constraints.txt
 	touch $@
+
+# The images (docs/images.md): Docker when a daemon answers, else Debian's buildah and podman (daemonless;
+# installed here as root with apt, with debootstrap for the stand-in base image). `make test` builds and runs
+# the CPU image (tests/image/).
+.PHONY: image-tools image-cpu image-gpu run-image-cpu
+image-tools:
+	@docker info >/dev/null 2>&1 || { command -v buildah && command -v podman && command -v runc && \
+	  command -v debootstrap; } >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -q --no-install-recommends buildah podman runc debootstrap; }
+image-cpu: image-tools
+	$(PYTHON) tools/image.py build cpu
+image-gpu: image-tools
+	$(PYTHON) tools/image.py build gpu
+run-image-cpu: image-tools
+	$(PYTHON) tools/image.py run cpu
 
 # Regenerate the RayService's serveConfigV2 from the production config (tests fail while it is stale).
 K8S_CONFIG := configs/llava-1.5-13b-l40s.yaml

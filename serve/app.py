@@ -99,6 +99,13 @@ def start_local(cfg: ServeConfig) -> None:
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
 
 
+def drain_local(cfg: ServeConfig) -> None:
+    """Delete the application gracefully: each replica finishes its in-flight requests and running jobs
+    (within its deployment's graceful_shutdown_timeout_s) while the proxy still delivers their answers; what
+    is queued stays in the store (docs/images.md, "Stopping")."""
+    serve.delete(cfg.app_name)
+
+
 def stop_local() -> None:
     import ray
 

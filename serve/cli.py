@@ -65,7 +65,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from serve.app import start_local, stop_local
+    from serve.app import drain_local, start_local, stop_local
 
     try:
         cfg = load_config(args.config)
@@ -73,12 +73,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         start_local(cfg)
+        # After ray.init, which installs a SIGTERM handler of its own that exits at once.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         print(f"llava-serve: ready on {cfg.http.scheme}://{cfg.http.host}:{cfg.http.port} (Ctrl-C stops)", flush=True)
         stop.wait()
+        print("llava-serve: stopping; in-flight requests and running jobs finish first", flush=True)
+        drain_local(cfg)
     finally:
         print("llava-serve: shutting down", flush=True)
         stop_local()

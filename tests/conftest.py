@@ -70,6 +70,33 @@ def pytest_collection_modifyitems(config, items):
         )
 
 
+# What each kind of test costs (set-up and teardown included: a live stack's start is its folder's), and the
+# figures tests report through the `report_cost` fixture (an image's build time and size, say): printed at the
+# end of every run, so CI's output shows where the minutes go.
+_SECONDS: dict[str, float] = {}
+_COSTS: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def report_cost():
+    """Call it with a line to print in the run's summary (a fixture: pytest's conftest module is not the one
+    `import tests.conftest` gives)."""
+    return _COSTS.append
+
+
+def pytest_runtest_logreport(report):
+    kind = Path(report.fspath).parts[1] if report.fspath.startswith("tests/") else "other"
+    _SECONDS[kind] = _SECONDS.get(kind, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SECONDS:
+        spent = ", ".join(f"{kind} {seconds:.0f} s" for kind, seconds in sorted(_SECONDS.items()))
+        terminalreporter.write_line(f"time by kind of test: {spent}")
+    for line in _COSTS:
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from serve.engine.tiny_model import build_tiny_model
