@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
 
@@ -99,6 +102,19 @@ def wait_for_abort(engine_stats, before: dict, timeout_s: float = 15.0) -> dict:
         if (now["aborted"] > before["aborted"] and now["running"] == 0) or time.monotonic() > deadline:
             return now
         time.sleep(0.2)
+
+
+JS_CLIENTS = ROOT / "tests" / "clients" / "js"
+
+
+def run_js(script: str, *args: str, env: dict[str, str]) -> dict:
+    """Run a JS client script (tests/clients/js) with `env` added, and return its last `RESULT <json>` line."""
+    proc = subprocess.run(["node", script, *args], cwd=JS_CLIENTS, env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=120, check=False)
+    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and results, (
+        f"{script} {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return results[-1]
 
 
 @pytest.fixture(scope="session")

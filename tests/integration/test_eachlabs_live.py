@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import time
 
 import requests
 
-from tests.conftest import ROOT, Receiver, data_uri
-from tests.integration.conftest import wait_for_abort
+from tests.conftest import Receiver, data_uri
+from tests.integration.conftest import run_js, wait_for_abort
 
 KEY = "local-each-key"
-SDK = ROOT / "tests" / "clients" / "js"
 
 
 def test_documented_python_client(stack):
@@ -34,12 +30,7 @@ def test_documented_python_client(stack):
 
 
 def sdk(stack, scenario):
-    env = {**os.environ, "LLAVA_BASE_URL": stack, "EACH_API_KEY": KEY, "IMAGE": data_uri()}
-    proc = subprocess.run(["node", "eachlabs.cjs", scenario], cwd=SDK, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return run_js("eachlabs.cjs", scenario, env={"LLAVA_BASE_URL": stack, "EACH_API_KEY": KEY, "IMAGE": data_uri()})
 
 
 def test_js_sdk_create_and_get(stack):

@@ -4,16 +4,12 @@ user can point it at this server: URL-rewriting middleware and `proxyUrl` (x-fal
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import subprocess
 
 import pytest
 
-from tests.conftest import LOCAL_KEY, ROOT, data_uri
-from tests.integration.conftest import wait_for_abort
+from tests.conftest import LOCAL_KEY, data_uri
+from tests.integration.conftest import run_js, wait_for_abort
 
-SDK = ROOT / "tests" / "clients" / "js"
 MODES = ["middleware", "proxy"]
 SCENARIOS = ["run", "subscribe_polling", "subscribe_streaming", "stream", "queue", "cancel", "validation"]
 MAX_NEW_TOKENS = 8  # what fal.mjs asks for; the test model emits one character per token, never stopping early
@@ -23,13 +19,7 @@ LOG_STEPS = ["Image fetched", "Generating", "Generated"]  # the job's log messag
 
 
 def fal_js(stack: str, mode: str, scenario: str) -> dict:
-    env = {**os.environ, "LLAVA_BASE_URL": stack, "FAL_KEY": LOCAL_KEY, "IMAGE": data_uri()}
-    proc = subprocess.run(["node", "fal.mjs", mode, scenario], cwd=SDK, env=env, capture_output=True, text=True,
-                          timeout=120, check=False)
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and results, (
-        f"fal.mjs {mode} {scenario} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return results[-1]
+    return run_js("fal.mjs", mode, scenario, env={"LLAVA_BASE_URL": stack, "FAL_KEY": LOCAL_KEY, "IMAGE": data_uri()})
 
 
 def is_int(value) -> bool:

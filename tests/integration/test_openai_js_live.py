@@ -4,29 +4,21 @@ preflight a browser sends for it."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
 
 from fastapi.testclient import TestClient
 
 from serve.ingress import create_app
-from tests.conftest import LOCAL_KEY, ROOT, data_uri
+from tests.conftest import LOCAL_KEY, data_uri
 from tests.fakes import FakeEngine, make_services
+from tests.integration.conftest import JS_CLIENTS, run_js
 
-SDK = ROOT / "tests" / "clients" / "js"
 MAX_TOKENS = 8  # what openai.mjs asks for; the test model emits one character per token, never stopping early
 
 
 def openai_js(stack: str, model: str, scenario: str) -> dict:
-    env = {**os.environ, "LLAVA_BASE_URL": stack, "OPENAI_API_KEY": LOCAL_KEY, "MODEL": model, "IMAGE": data_uri()}
-    proc = subprocess.run(["node", "openai.mjs", scenario], cwd=SDK, env=env, capture_output=True, text=True,
-                          timeout=120, check=False)
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and results, (
-        f"openai.mjs {scenario} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return results[-1]
+    return run_js("openai.mjs", scenario,
+                  env={"LLAVA_BASE_URL": stack, "OPENAI_API_KEY": LOCAL_KEY, "MODEL": model, "IMAGE": data_uri()})
 
 
 def is_int(value) -> bool:
@@ -80,7 +72,7 @@ def test_a_browser_preflight_admits_every_header_the_sdk_sends():
     """openai with dangerouslyAllowBrowser: the preflight must admit each header the SDK can set, read from its
     own source, so a new one in a future SDK fails here (docs/api.md §1.4)."""
     found = set()
-    for path in (SDK / "node_modules" / "openai").rglob("*.mjs"):
+    for path in (JS_CLIENTS / "node_modules" / "openai").rglob("*.mjs"):
         found |= {h.lower() for h in re.findall(r"[Xx]-[Ss]tainless-[A-Za-z-]+|OpenAI-(?:Organization|Project)",
                                                   path.read_text(errors="replace"))}
     assert "x-stainless-helper-method" in found and "openai-project" in found, found  # the scan sees them

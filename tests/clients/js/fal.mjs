@@ -3,6 +3,7 @@
 // Expected client errors are caught and recorded; the exit status is non-zero only when something
 // unexpected was thrown (or the scenario ran past its deadline).
 import { ApiError, ValidationError, createFalClient } from "@fal-ai/client";
+import { copy, runScenario } from "./harness.mjs";
 
 const [mode, scenario] = process.argv.slice(2);
 for (const name of ["LLAVA_BASE_URL", "FAL_KEY", "IMAGE"]) {
@@ -38,8 +39,6 @@ const input = (maxNewTokens, extra = {}) => ({
   prompt: "Are you allowed to swim here?", image_url: process.env.IMAGE, max_new_tokens: maxNewTokens, ...extra,
 });
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const copy = (value) => (value === undefined ? null : JSON.parse(JSON.stringify(value)));
-const out = (obj) => process.stdout.write(`RESULT ${JSON.stringify(obj)}\n`);
 
 function describe(e) {
   const info = {
@@ -146,20 +145,4 @@ const scenarios = {
   },
 };
 
-if (!(scenario in scenarios)) {
-  console.error(`unknown scenario ${scenario}`);
-  process.exit(2);
-}
-const rec = { mode, scenario };
-setTimeout(() => {
-  out({ ...rec, unexpected: { name: "Deadline", message: `scenario still running after ${DEADLINE_MS} ms` } });
-  process.exit(3);
-}, DEADLINE_MS).unref();
-try {
-  await scenarios[scenario](rec);
-  out(rec);
-} catch (e) {
-  out({ ...rec, unexpected: describe(e) });
-  console.error(e);
-  process.exit(1);
-}
+await runScenario(scenarios, scenario, { mode, scenario }, describe, DEADLINE_MS);

@@ -2,6 +2,7 @@
 // Usage: node openai.mjs <scenario>   env: LLAVA_BASE_URL, OPENAI_API_KEY, MODEL, IMAGE (a data: URI)
 // The exit status is non-zero only when something unexpected was thrown (or the scenario ran past its deadline).
 import OpenAI, { APIError } from "openai";
+import { copy, runScenario } from "./harness.mjs";
 
 const [scenario] = process.argv.slice(2);
 for (const name of ["LLAVA_BASE_URL", "OPENAI_API_KEY", "MODEL", "IMAGE"]) {
@@ -30,8 +31,6 @@ const request = (extra = {}) => ({
   }],
   ...extra,
 });
-const copy = (value) => (value === undefined ? null : JSON.parse(JSON.stringify(value)));
-const out = (obj) => process.stdout.write(`RESULT ${JSON.stringify(obj)}\n`);
 
 function describe(e) {
   const info = {
@@ -63,20 +62,4 @@ const scenarios = {
   },
 };
 
-if (!(scenario in scenarios)) {
-  console.error(`unknown scenario ${scenario}`);
-  process.exit(2);
-}
-const rec = { scenario };
-setTimeout(() => {
-  out({ ...rec, unexpected: { name: "Deadline", message: `scenario still running after ${DEADLINE_MS} ms` } });
-  process.exit(3);
-}, DEADLINE_MS).unref();
-try {
-  await scenarios[scenario](rec);
-  out(rec);
-} catch (e) {
-  out({ ...rec, unexpected: describe(e) });
-  console.error(e);
-  process.exit(1);
-}
+await runScenario(scenarios, scenario, { scenario }, describe, DEADLINE_MS);
