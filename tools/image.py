@@ -13,6 +13,7 @@ Standard library only: it runs before any venv exists.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ BUILD_DIR = "/run/llava-build"  # where a daemonless build sees its generated pi
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 
 
+@functools.cache  # asked before every container command: `docker info` once per process
 def docker_available() -> bool:
     if shutil.which("docker") is None:
         return False

@@ -53,6 +53,6 @@ def render(turns: Sequence[Turn]) -> str:
     return _template().render(messages=messages, add_generation_prompt=True)
 
 
-def single_turn(prompt: str, images: int = 1) -> str:
+def single_turn(prompt: str) -> str:
     """One user question about one image: the fal and Eachlabs prompts."""
-    return render([Turn("user", (prompt,), images)])
+    return render([Turn("user", (prompt,), 1)])

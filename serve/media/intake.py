@@ -20,7 +20,16 @@ from serve.media.errors import ImageDownloadError, ImageLoadError, MediaError
 from serve.media.fetch import Fetcher
 from serve.telemetry.metrics import metrics
 
-__all__ = ["ImageDownloadError", "ImageIntake", "ImageLoadError", "MediaError"]
+__all__ = ["SCHEMES", "ImageDownloadError", "ImageIntake", "ImageLoadError", "MediaError", "scheme"]
+
+
+SCHEMES = ("data", "http", "https")  # what `ImageIntake.load` takes
+
+
+def scheme(url: str) -> str:
+    """An image reference's scheme, lowercased ("" when it has none)."""
+    name, sep, _ = url.strip().partition(":")
+    return name.lower() if sep else ""
 
 
 class ImageIntake:
@@ -31,19 +40,17 @@ class ImageIntake:
 
     async def load(self, url: str) -> Image.Image:
         """The image `url` refers to, RGB and bounded; raises `MediaError` for anything unusable."""
-        url = url.strip()
-        scheme, sep, _ = url.partition(":")
-        scheme = scheme.lower() if sep else ""
+        url, kind = url.strip(), scheme(url)
         started = time.monotonic()
         # Payload and pixel decoding are CPU work: one worker-thread hop, off the event loop.
-        if scheme == "data":
+        if kind == "data":
             image, size = await asyncio.to_thread(self._decode_data_uri, url)
-        elif scheme in ("http", "https"):
+        elif kind in ("http", "https"):
             data = await self._fetcher.fetch(url)
             image, size = await asyncio.to_thread(self._decode, data), len(data)
         else:
             raise ImageLoadError("image_url must be an http(s) URL or a data: URI.")
-        metrics().image(scheme if scheme == "data" else "url", time.monotonic() - started, size)
+        metrics().image(kind if kind == "data" else "url", time.monotonic() - started, size)
         return image
 
     def _decode_data_uri(self, url: str) -> tuple[Image.Image, int]:

@@ -11,10 +11,10 @@ from serve.api.chat import IMAGE_TOKEN, Turn, render
 from serve.api.openai.errors import invalid
 from serve.api.translate import generation_request
 from serve.engine.types import Completion, GenerationRequest
+from serve.media.intake import SCHEMES, scheme
 
 MAX_IMAGES = 1  # LLaVA-1.5 takes one image per prompt
 MAX_STOP = 4  # OpenAI's bound on stop sequences
-IMAGE_SCHEMES = ("http", "https", "data")  # what the image intake loads (docs/api.md §8.2)
 _INT64 = 2**63
 
 
@@ -167,7 +167,7 @@ def conversation(req: ChatRequest) -> Conversation:
                     raise invalid(f"At most {MAX_IMAGES} image may be provided in one request (LLaVA-1.5 "
                                   "takes one image per prompt).", where)
                 image_url, image_param, images = part.image_url.url, f"{where}.image_url.url", 1
-                if part.image_url.url.strip().partition(":")[0].lower() not in IMAGE_SCHEMES:
+                if scheme(part.image_url.url) not in SCHEMES:
                     # Refused here, before the limits: a malformed request costs no quota.
                     raise invalid("image_url.url must be an http(s) URL or a data: URI.", image_param,
                                   "invalid_image_url")
@@ -181,11 +181,11 @@ def conversation(req: ChatRequest) -> Conversation:
 
 
 def to_generation_request(
-    req: ChatRequest, conv: Conversation, *, request_id: str, owner: str, image, max_tokens: int | None
+    req: ChatRequest, conv: Conversation, *, request_id: str, owner: str, image
 ) -> GenerationRequest:
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     return generation_request(
-        request_id=request_id, owner=owner, prompt=conv.prompt, image=image, max_tokens=max_tokens,
+        request_id=request_id, owner=owner, prompt=conv.prompt, image=image, max_tokens=req.output_limit()[0],
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, stream=bool(req.stream), stop=stop, seed=req.seed,
     )

@@ -26,7 +26,7 @@ from serve.api.openai.protocol import (
     model_card,
     to_generation_request,
 )
-from serve.api.serving import BuildRequest, complete, generation, open_generation, streamed
+from serve.api.serving import BuildRequest, Generation, complete, generation, open_generation, streamed
 from serve.api.services import Services
 from serve.api.sse import EventStream, event
 from serve.auth import Caller
@@ -42,16 +42,23 @@ def parse(services: Services, body: bytes) -> tuple[ChatRequest, Conversation]:
         req = ChatRequest.model_validate_json(body)
     except ValidationError as exc:
         raise invalid_request(exc) from None
-    if req.model != services.config.model.served_name:
-        raise model_not_found(req.model)
+    _served(services, req.model)
     check(req, services.config.engine.max_model_len)
     return req, conversation(req)
 
 
+def _served(services: Services, model_id: str) -> None:
+    if model_id != services.config.model.served_name:
+        raise model_not_found(model_id)
+
+
 def _build(req: ChatRequest, conv: Conversation, ctx: RequestContext, caller: Caller) -> BuildRequest:
-    limit, _ = req.output_limit()
-    return lambda image: to_generation_request(req, conv, request_id=ctx.request_id, owner=caller.name, image=image,
-                                               max_tokens=limit)
+    return lambda image: to_generation_request(req, conv, request_id=ctx.request_id, owner=caller.name, image=image)
+
+
+def _headers(gen: Generation, ctx: RequestContext) -> dict[str, str]:
+    """The limit headers of the admission, and the request id the SDKs report (`x-request-id`)."""
+    return {**rate_limit_headers(gen.admission), "x-request-id": ctx.request_id}
 
 
 def _failed(exc: BaseException, conv: Conversation) -> ApiError:
@@ -74,7 +81,7 @@ async def chat(
     except Exception as exc:
         raise _failed(exc, conv) from None
     body = _answer(services, ctx).completion("".join(chunks), done)
-    return JSONResponse(body, headers={**rate_limit_headers(gen.admission), "x-request-id": ctx.request_id})
+    return JSONResponse(body, headers=_headers(gen, ctx))
 
 
 async def _stream(services: Services, ctx: RequestContext, caller: Caller, req: ChatRequest,
@@ -89,8 +96,7 @@ async def _stream(services: Services, ctx: RequestContext, caller: Caller, req: 
         raise _failed(exc, conv) from None
     with_usage = req.stream_options is not None and req.stream_options.include_usage
     events = _chunks(streamed(gen, ctx, caller), _answer(services, ctx), with_usage, conv)
-    return EventStream(events, headers={**rate_limit_headers(gen.admission), "x-request-id": ctx.request_id},
-                       cleanup=end)
+    return EventStream(events, headers=_headers(gen, ctx), cleanup=end)
 
 
 async def _chunks(
@@ -118,8 +124,7 @@ def models(services: Services) -> Response:
 
 
 def model(services: Services, model_id: str) -> Response:
-    if model_id != services.config.model.served_name:
-        raise model_not_found(model_id)
+    _served(services, model_id)
     return JSONResponse(_card(services))
 
 
