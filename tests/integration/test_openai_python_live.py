@@ -103,7 +103,8 @@ def test_async_client_chat_and_stream(stack, model):
             one = c.chat.completions.create(model=model, messages=ask(), max_tokens=6, temperature=0)
             two = c.chat.completions.create(model=model, messages=ask(), max_tokens=6, temperature=0)
             done = await asyncio.gather(one, two)
-            stream = await c.chat.completions.create(model=model, messages=ask(), max_tokens=6, stream=True)
+            stream = await c.chat.completions.create(model=model, messages=ask(), max_tokens=6, temperature=0,
+                                                     stream=True)  # greedy: one ASCII character per token
             text = "".join([ch.choices[0].delta.content or "" async for ch in stream])
         return done, text
 
