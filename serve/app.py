@@ -10,42 +10,9 @@ from ray import serve
 from ray.serve import Application
 
 from serve.config import ServeConfig, parse_config
+from serve.deployment import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, deployment_options, ray_env
 from serve.engine.server import EngineFactory, LLMServer, vllm_engine
 from serve.ingress import Ingress
-
-ENGINE_DEPLOYMENT = "LLMServer"
-INGRESS_DEPLOYMENT = "Ingress"
-
-
-def deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
-    """Serve options per deployment name: what build_app applies, and what a Serve config file
-    (KubeRay's serveConfigV2, `llava-serve render-k8s`) lists for operators to see."""
-    engine = cfg.engine_deployment.serve_options()
-    engine["ray_actor_options"]["runtime_env"] = {"env_vars": dict(cfg.engine.env)}
-    engine["max_ongoing_requests"] = cfg.engine_max_ongoing_requests()
-    ingress = cfg.ingress.serve_options()
-    ingress["max_ongoing_requests"] = cfg.ingress.max_ongoing_requests
-    for opts in (engine, ingress):
-        # Our JSON access line (serve/telemetry/access.py) replaces Serve's own per-call line: one line
-        # per request, not two, and none per engine call (loadtest/README.md: measured).
-        opts["logging_config"] = {"enable_access_log": False}
-    return {ENGINE_DEPLOYMENT: engine, INGRESS_DEPLOYMENT: ingress}
-
-
-def ray_env(cfg: ServeConfig) -> dict[str, str]:
-    """Environment every Ray process of the cluster needs for `cfg.http.proxy`. Ray reads it when its
-    processes start, not from the Serve config: start_local gives it to the local cluster's processes as
-    the job's environment, and k8s/rayservice.yaml lists it on every Ray container (tests/deploy checks
-    they agree)."""
-    if cfg.http.proxy != "haproxy":
-        return {}
-    return {
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-        # Throughput mode would route replicas' stderr through Serve's logger (a stack walk per write):
-        # our JSON lines stay plain stderr lines, as with Serve's proxy.
-        "RAY_SERVE_LOG_TO_STDERR": "1",
-    }
 
 
 def engine_app(cfg: ServeConfig, engine_factory: EngineFactory = vllm_engine) -> Application:
@@ -76,11 +43,16 @@ def start_local(cfg: ServeConfig) -> None:
     """Start a private local Ray, the Serve proxy on cfg.http, and the app; returns once it is healthy."""
     import ray
 
+    from serve.telemetry import console
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = ray_env(cfg)
     if env:
         # One machine: no load balancer needs Serve's 30 s notice before a replica stops taking requests.
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "0"
+    # telemetry.log_format text: the development console (serve/telemetry/console.py).
+    log_format = cfg.telemetry.log_format
+    env = {**console.cluster_env(log_format), **env}
     # address="local": always a fresh private cluster, never one RAY_ADDRESS points at.
     # One machine is every worker group: offer the custom resources the deployments are pinned with
     # (on KubeRay only the matching group's nodes advertise them), enough for any replica count.
@@ -91,11 +63,13 @@ def start_local(cfg: ServeConfig) -> None:
         # The job's environment reaches every actor of this cluster (Serve's controller, the proxies and
         # replicas it starts) and nothing outside it: a later cluster in this process starts clean.
         runtime_env={"env_vars": env} if env else None,
+        logging_level=console.driver_logging_level(log_format),
     )
+    console.quiet_serve_in_driver(log_format)
     http = {"host": cfg.http.host, "port": cfg.http.port}
     if cfg.http.tls_certfile is not None:
         http.update(ssl_certfile=str(cfg.http.tls_certfile), ssl_keyfile=str(cfg.http.tls_keyfile))
-    serve.start(http_options=http)
+    serve.start(http_options=http, logging_config=console.serve_system_logging(log_format))
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
 
 
@@ -107,9 +81,16 @@ def drain_local(cfg: ServeConfig) -> None:
 
 
 def stop_local() -> None:
+    """Stop the private local Ray, after Serve has deleted, gracefully, any application still running (none
+    after drain_local; a failed start's, the tests' stack). Serve's controller and proxies then end with the
+    cluster. Not serve.shutdown(): it waits on a call the controller answers by killing itself, which Ray
+    reports on the console as an error ("Task ServeController.graceful_shutdown failed ... will be
+    retried": the controller's calls are retried forever) although nothing failed."""
     import ray
 
     try:
-        serve.shutdown()
+        if ray.is_initialized():
+            for name in serve.status().applications:
+                serve.delete(name)
     finally:
         ray.shutdown()

@@ -1,4 +1,4 @@
-"""`llava-serve run | check | render-k8s | tiny-model | capacity`."""
+"""The llava-serve command line: run, check, render-k8s, tiny-model and capacity (main() builds the parser)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from serve import capacity
-from serve.config import ConfigError, ServeConfig, load_config
+from serve.config import ENV_HOST, ENV_KEYS_FILE, ENV_PORT, ConfigError, ServeConfig, load_config
 
 
 def check(cfg: ServeConfig) -> list[str]:
@@ -65,27 +65,43 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from serve.app import drain_local, start_local, stop_local
+    import os
+
+    from serve.telemetry.console import cluster_env, driver_env
 
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    stop = threading.Event()
+    if "ray" not in sys.modules:  # Ray reads these when it is imported (serve/telemetry/console.py)
+        for name, value in driver_env(cfg.telemetry.log_format).items():
+            os.environ.setdefault(name, value)
+    # This process's environment is every local Ray process's: start_local need not give the cluster a
+    # job environment of its own, which would keep Ray's prestarted workers from serving it.
+    for name, value in cluster_env(cfg.telemetry.log_format).items():
+        os.environ.setdefault(name, value)
+    from serve.app import drain_local, start_local, stop_local
+
+    url = f"{cfg.http.scheme}://{cfg.http.host}:{cfg.http.port}"
+    stop, rc = threading.Event(), 0
+    print(f"llava-serve: starting Ray, Serve and the engine for {cfg.model.served_name} ({args.config})", flush=True)
     try:
         start_local(cfg)
         # After ray.init, which installs a SIGTERM handler of its own that exits at once.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        print(f"llava-serve: ready on {cfg.http.scheme}://{cfg.http.host}:{cfg.http.port} (Ctrl-C stops)", flush=True)
+        print(f"llava-serve: ready on {url} (Ctrl-C stops)", flush=True)
         stop.wait()
         print("llava-serve: stopping; in-flight requests and running jobs finish first", flush=True)
         drain_local(cfg)
+    except KeyboardInterrupt:  # Ctrl-C while starting
+        print("llava-serve: interrupted while starting; stopping", flush=True)
+        rc = 130
     finally:
-        print("llava-serve: shutting down", flush=True)
         stop_local()
-    return 0
+    print("llava-serve: stopped", flush=True)
+    return rc
 
 
 def _cmd_render_k8s(args: argparse.Namespace) -> int:
@@ -151,37 +167,120 @@ def _cmd_capacity(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+DIST = "llava-serve"  # pyproject.toml [project] name
+CONFIG_HELP = "a config YAML, e.g. configs/local-cpu.yaml; docs/configuration.md lists every field"
+PROD = "configs/llava-1.5-13b-l40s.yaml"
+# The production config's keys file is a mounted Secret: elsewhere, check it with the example keys.
+PROD_CHECK = f"{ENV_KEYS_FILE}=configs/keys.local.yaml llava-serve check {PROD}"
+
+DESCRIPTION = """\
+llava-serve serves LLaVA-1.5 (an image and a prompt in, text out) behind fal's and Eachlabs' APIs and an
+OpenAI-compatible route, on Ray Serve with vLLM as the engine. One YAML config describes the whole
+deployment: 'run' serves it on a local Ray, 'check' validates it without starting anything, and the
+other commands write the Kubernetes manifest's Serve config, the tiny test model, and a capacity plan."""
+
+EPILOG = f"""\
+examples:
+  make serve                                  what most people run: installs, builds the tiny model,
+                                              then runs llava-serve run configs/local-cpu.yaml
+  llava-serve run configs/local-cpu.yaml      serve the embedded default on http://127.0.0.1:8000
+  llava-serve check {PROD}
+                                              validate the production config (its keys file is a
+                                              Kubernetes Secret; elsewhere prefix {ENV_KEYS_FILE}=...)
+  llava-serve COMMAND --help                  what one command does, with examples
+
+Every config field: docs/configuration.md."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DIST)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _env_overrides() -> str:
+    """The config fields the environment overrides (serve/config.py parse_config), one per line."""
+    rows = ((ENV_PORT, "http.port"), (ENV_HOST, "http.host"),
+            (ENV_KEYS_FILE, "auth.keys_file (a path relative to where the command runs)"))
+    return "\n".join(f"  {env:<23}{field}" for env, field in rows)
+
+
+def _subcommand(sub, name: str, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llava-serve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="serve a config on a local Ray until Ctrl-C")
-    p.add_argument("config")
+    parser = argparse.ArgumentParser(prog="llava-serve", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"llava-serve {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    p = _subcommand(
+        sub, "run", "serve a config on a local Ray until Ctrl-C",
+        "Start a local Ray and serve CONFIG on it: Serve's HTTP proxy on http.host:http.port, the ingress\n"
+        "and the vLLM engine. Ctrl-C or SIGTERM drains (in-flight requests and running jobs finish first),\n"
+        "then stops everything.\n\n"
+        f"The environment overrides three config fields:\n{_env_overrides()}",
+        "examples:\n"
+        "  llava-serve run configs/local-cpu.yaml                   needs the tiny model (make tiny-model)\n"
+        f"  {ENV_PORT}=8080 {ENV_HOST}=0.0.0.0 llava-serve run configs/local-cpu.yaml\n"
+        "  make serve                                               installs and builds it first",
+    )
+    p.add_argument("config", help=CONFIG_HELP)
     p.set_defaults(func=_cmd_run)
-    p = sub.add_parser("check", help="validate a config end to end without starting anything")
-    p.add_argument("config")
+    p = _subcommand(
+        sub, "check", "validate a config end to end without starting anything",
+        "Validate CONFIG without starting anything: every field (unknown keys are errors), the keys file,\n"
+        "the model directory, vLLM's engine arguments and the Serve deployment options. Prints one OK line,\n"
+        "or each problem as 'field.path: message' and exits 1. The environment overrides apply:\n"
+        f"{_env_overrides()}",
+        "examples:\n"
+        "  llava-serve check configs/local-cpu.yaml\n"
+        f"  {PROD_CHECK}\n"
+        "  make check CONFIG=configs/my.yaml",
+    )
+    p.add_argument("config", help=CONFIG_HELP)
     p.set_defaults(func=_cmd_check)
-    p = sub.add_parser("render-k8s", help="write a config's Serve config into a RayService's serveConfigV2")
-    p.add_argument("config")
+    p = _subcommand(
+        sub, "render-k8s", "write a config's Serve config into a RayService's serveConfigV2",
+        "Render CONFIG as a Ray Serve config and write it into the 'serveConfigV2: |' block of a RayService\n"
+        "manifest, so the cluster deploys what the config says (docs/kubernetes.md). With --check, change\n"
+        "nothing and exit 1 if the block is stale.",
+        "examples:\n"
+        f"  llava-serve render-k8s {PROD} k8s/rayservice.yaml\n"
+        f"  llava-serve render-k8s --check {PROD} k8s/rayservice.yaml\n"
+        "  make k8s                        the first, for the production config",
+    )
+    p.add_argument("config", help=CONFIG_HELP)
     p.add_argument("manifest", help="the RayService YAML whose 'serveConfigV2: |' block is replaced")
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if the block is stale")
     p.set_defaults(func=_cmd_render_k8s)
-    p = sub.add_parser("tiny-model", help="write the tiny random LLaVA-1.5-architecture model")
-    p.add_argument("dir")
-    p.add_argument("--seed", type=int, default=0)
+    p = _subcommand(
+        sub, "tiny-model", "write the tiny random LLaVA-1.5-architecture model",
+        "Write a tiny model with LLaVA-1.5's architecture and random weights into DIR: what\n"
+        "configs/local-cpu.yaml serves (from .cache/tiny-llava), so the whole stack runs on a CPU.\n"
+        "Its answers are meaningless; the same seed writes the same model.",
+        "example:\n"
+        "  llava-serve tiny-model .cache/tiny-llava      what make tiny-model runs",
+    )
+    p.add_argument("dir", help="the directory to write the model into, e.g. .cache/tiny-llava")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.set_defaults(func=_cmd_tiny_model)
     d = capacity.DEFAULT_WORKLOAD
-    p = sub.add_parser(
-        "capacity",
-        help="size a deployment from the capacity model and check a config (and k8s/) against it",
-        description="The capacity model of docs/capacity.md. From the L40S's datasheet, LLaVA-1.5-13B's\n"
+    p = _subcommand(
+        sub, "capacity", "size a deployment from the capacity model and check a config (and k8s/) against it",
+        "The capacity model of docs/capacity.md. From the L40S's datasheet, LLaVA-1.5-13B's\n"
         "architecture, the config and a workload: the KV-bound concurrency, the decode-step floor, tokens/s\n"
         "and requests/s per engine replica, and the GPUs and ingress CPUs the workload needs (from the ingress\n"
-        "costs `make bench` measured). Each figure says whether it is from the datasheet, the config, the\n"
+        "costs that make bench measured). Each figure says whether it is from the datasheet, the config, the\n"
         "workload, an assumption, a measurement, or computed from those. Exits 1 when the config, or the\n"
         "RayService that deploys it, disagrees with the model, listing each disagreement.",
-        epilog="example: llava-serve capacity --rps 6 --output-tokens 300\n"
-        "         llava-serve capacity configs/llava-1.5-13b-l40s.yaml --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "examples:\n"
+        "  llava-serve capacity --rps 6 --output-tokens 300\n"
+        f"  llava-serve capacity {PROD} --json",
     )
     p.add_argument("config", nargs="?", default=str(capacity.PRODUCTION_CONFIG.relative_to(Path.cwd()))
                    if capacity.PRODUCTION_CONFIG.is_relative_to(Path.cwd()) else str(capacity.PRODUCTION_CONFIG),

@@ -144,10 +144,14 @@ class HttpConfig(_Strict):
         "client needs when pointed here by FAL_RUN_HOST alone). Usually TLS ends at the cluster's ingress instead."
     )
     tls_keyfile: Path | None = Field(None, description="PEM private key of tls_certfile.")
+    reference: bool = Field(
+        True, description="Serve the API reference without a key: GET /docs (Swagger UI, its assets bundled in the "
+        "package, no CDN) and GET /openapi.json (docs/api.md §9). False: both answer 404."
+    )
     proxy: Literal["serve", "haproxy"] = Field(
         "serve",
         description="What answers on host:port. 'serve': Ray Serve's Python HTTP proxy; binds only `host`, TLS "
-        "possible. 'haproxy': Ray's HAProxy ingress in Serve's throughput-optimized mode (serve.app.ray_env): "
+        "possible. 'haproxy': Ray's HAProxy ingress in Serve's throughput-optimized mode (serve.deployment.ray_env): "
         "HAProxy forwards to each ingress replica's own HTTP server and the deployments stream to each other "
         "over gRPC, for about 3x the requests per second and no throughput lost against bare vLLM "
         "(loadtest/README.md). No TLS, and the replicas' ports (30000-31000) and HAProxy's stats and metrics "
@@ -299,7 +303,13 @@ class FalConfig(_Strict):
 
 class TelemetryConfig(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", description="Level of the service's JSON logs (one access line per request at INFO)."
+        "INFO", description="Level of the service's own logs (one access line per request at INFO)."
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="How the service's own lines are written: 'json', one JSON object per line for a log "
+        "collector (production); 'text', one short line a person reads (`12:03:04 200 POST /fal-ai/llavav15-13b "
+        "fal run key=local-dev 412 ms`), and `llava-serve run` then keeps Ray's and vLLM's INFO lines and their "
+        "warnings about the machine off its console (serve/telemetry/console.py). The development console."
     )
     log_polls: bool = Field(
         False, description="Write an access line for every successful status poll (fal status, Eachlabs get) too. "
@@ -425,7 +435,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Serve
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
-        raise ConfigError(str(path), [f"(file): cannot read: {exc.strerror}"]) from None
+        raise ConfigError(str(path), [f"(file): cannot read {path.resolve()}: {exc.strerror}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [f"(file): not valid YAML: {exc}"]) from None
     return parse_config(data, path.parent.resolve(), os.environ if env is None else env, str(path))

@@ -18,6 +18,7 @@ from serve.api.fal.routes import router as fal_router
 from serve.api.fal.serving import FalExecutor
 from serve.api.openai.routes import SDK_HEADERS as OPENAI_SDK_HEADERS
 from serve.api.openai.routes import router as openai_router
+from serve.api.reference import mount as mount_reference
 from serve.api.services import Services
 from serve.config import ServeConfig
 from serve.engine.server import HandleEngine
@@ -70,6 +71,7 @@ def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
     app.include_router(fal_router)
     app.include_router(openai_router)  # before Eachlabs': its /v1/{rest} answers every other /v1 path
     app.include_router(eachlabs_router)
+    mount_reference(app, services.config)  # /openapi.json and /docs, unless http.reference is off (docs/api.md §9)
     # Middleware added last runs first: context (outermost), CORS, then fal's dispatch (innermost).
     app.add_middleware(FalDispatch)
     # Browsers only (docs/api.md §1.4): it answers preflights before any dispatch.
@@ -94,7 +96,7 @@ class Ingress:
     """Applied as a Serve deployment by `serve.app`; `serve.ingress()` calls the builder below."""
 
     def __init__(self, cfg: ServeConfig, llm_handle):
-        configure_logging(cfg.telemetry.log_level)
+        configure_logging(cfg.telemetry.log_level, cfg.telemetry.log_format)
         self._services = Services.build(cfg, HandleEngine(llm_handle), build_store(cfg))
         # The replica's id is also its actor's name: a job's runner names the replica running it.
         self._runner_id = serve.get_replica_context().replica_id.to_full_id_str()

@@ -5,6 +5,8 @@ file's content goes in verbatim as the application's `args.config` (serve.app:ap
 as `llava-serve run` does), and each deployment's options are listed from the same function that
 build_app applies, so operators see replicas, resources and autoscaling in the RayService. The rest of
 the manifest is written by hand; tests check it agrees with the config (ports, resources, grace periods).
+Rendering imports neither Ray nor vLLM (tests/unit/test_k8s_render.py): `make k8s` runs it from a venv of the
+config's dependencies alone (.venv-k8s: pydantic, PyYAML, Pillow).
 """
 
 from __future__ import annotations
@@ -16,14 +18,13 @@ from typing import Any
 import yaml
 
 from serve.config import ServeConfig, parse_config
+from serve.deployment import deployment_options
 
 KEY = "serveConfigV2"
 
 
 def serve_config(raw: dict[str, Any], cfg: ServeConfig) -> dict[str, Any]:
     """The Serve config file (ray.serve.schema.ServeDeploySchema) that runs `cfg` on a Ray cluster."""
-    from serve.app import deployment_options
-
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.http.host, "port": cfg.http.port},

@@ -1,4 +1,5 @@
-"""Per-request telemetry: one JSON access-log line and the request metrics, for every API request.
+"""Per-request telemetry: one access-log line (JSON; text on the development console) and the
+request metrics, for every API request.
 
 The line carries the request id every other place uses for the same request — fal's
 `x-fal-request-id`, an Eachlabs prediction id, the job id and the engine's request id — with the
@@ -47,11 +48,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """JSON lines on stderr for the service's own loggers (`llava_serve.*`, `serve.*`); Ray keeps
-    each replica's stderr in its worker log and forwards it to the driver."""
+class TextFormatter(logging.Formatter):
+    """One short line a person reads (`telemetry.log_format: text`, the development console): an access
+    line is `12:03:04 200 POST /fal-ai/llavav15-13b fal run key=local-dev 412 ms`, any other line
+    `12:03:04 WARNING serve.jobs.runner: message k=v ...`, followed by its traceback if it has one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = time.strftime("%H:%M:%S", time.localtime(record.created))
+        fields = dict(getattr(record, "fields", {}))
+        if record.name == log.name and "status" in fields:
+            line = (f"{when} {fields['status']} {fields['method']} {fields['path']} {fields['api']} "
+                    f"{fields['route']} key={fields['key'] or '-'} {fields['duration_ms']:.0f} ms")
+        else:
+            extra = "".join(f" {k}={v}" for k, v in fields.items())
+            line = f"{when} {record.levelname} {record.name}: {record.getMessage()}{extra}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+FORMATTERS: dict[str, type[logging.Formatter]] = {"json": JsonFormatter, "text": TextFormatter}
+
+
+def configure_logging(level: str = "INFO", log_format: str = "json") -> None:
+    """JSON lines (or, with log_format "text", short human lines) on stderr for the service's own
+    loggers (`llava_serve.*`, `serve.*`); Ray keeps each replica's stderr in its worker log and
+    forwards it to the driver."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(FORMATTERS[log_format]())
     for name in ("llava_serve", "serve"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]

@@ -299,14 +299,14 @@ def test_shipped_keys_let_nobody_in(objects, prod):
 
 
 def readme_block(first_line: str) -> str:
-    """The README's fenced code block that starts with `first_line`."""
-    text = (ROOT / "README.md").read_text()
+    """docs/kubernetes.md's fenced code block that starts with `first_line`."""
+    text = (ROOT / "docs/kubernetes.md").read_text()
     start = text.index("\n" + first_line + "\n") + 1
     return text[start : text.index("```", start)]
 
 
 def test_the_readmes_overlay_sets_image_and_keys(tmp_path, prod):
-    # The README's deployment section, as a reader follows it: this repository beside their overlay.
+    # docs/kubernetes.md's overlay, as a reader follows it: a checkout named llava-serve beside their overlay.
     shutil.copytree(K8S, tmp_path / "llava-serve" / "k8s")
     overlay = tmp_path / "my-deploy"
     overlay.mkdir()
@@ -322,7 +322,7 @@ def test_the_readmes_overlay_sets_image_and_keys(tmp_path, prod):
     (secret,) = [o for o in built if o["kind"] == "Secret"]
     keys = base64.b64decode(secret["data"]["keys.yaml"]).decode()
     assert keys == (overlay / "keys.yaml").read_text()
-    assert len(KeyRing.load(overlay / "keys.yaml", prod.limits)) == 2  # the README's example keys load
+    assert len(KeyRing.load(overlay / "keys.yaml", prod.limits)) == 2  # the example keys load
     (pvc,) = [o for o in built if o["kind"] == "PersistentVolumeClaim"]
     assert pvc["spec"]["storageClassName"]  # the overlay picks a ReadWriteMany class
 

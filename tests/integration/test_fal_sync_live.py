@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
 import uuid
@@ -18,7 +17,7 @@ from transformers import AutoTokenizer
 
 from serve.api.chat import single_turn
 from serve.engine.tiny_model import IMAGE_SEQ_LENGTH
-from tests.conftest import LOCAL_KEY, ROOT, data_uri
+from tests.conftest import LOCAL_KEY, data_uri
 from tests.integration.conftest import wait_for_abort
 
 APP = "fal-ai/llavav15-13b"
@@ -141,15 +140,3 @@ def test_real_python_fal_client(stack, monkeypatch):
         client.run(APP, arguments={"image_url": data_uri()})
     assert exc.value.status_code == 422
     assert exc.value.response.json()["detail"][0]["loc"] == ["body", "prompt"]
-
-
-def test_readme_example_works(stack):
-    """The README's curl example, sent as written (port aside), answers."""
-    readme = (ROOT / "README.md").read_text()
-    match = re.search(r"curl -s http://127\.0\.0\.1:8000(/\S+) \\\n\s+-H '([^']+)' \\\n\s+-H '([^']+)' \\\n\s+-d '([^']+)'", readme)
-    assert match, "README lost its curl example"
-    path, h1, h2, data = match.groups()
-    headers = dict(h.split(": ", 1) for h in (h1, h2))
-    resp = requests.post(f"{stack}{path}", data=data, headers=headers, timeout=60)
-    assert resp.status_code == 200, resp.text
-    assert resp.json()["stats"]["num_output_tokens"] > 0

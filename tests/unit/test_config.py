@@ -86,7 +86,7 @@ def test_prompt_template_is_llava_v1_and_keeps_braces():
 
 
 def test_only_the_haproxy_ingress_changes_rays_environment():
-    from serve.app import ray_env
+    from serve.deployment import ray_env
 
     data = _raw()
     assert ray_env(parse_config(data, CONFIGS, env={})) == {}  # Serve's own proxy: Ray's defaults

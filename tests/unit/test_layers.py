@@ -21,6 +21,12 @@ FORBIDDEN = {
     # The capacity model is arithmetic on the config: it runs without Ray, vLLM or the service.
     "serve.capacity": ("serve.api", "serve.jobs", "serve.auth", "serve.engine", "serve.media", "serve.net",
                        "serve.telemetry", "serve.webhooks", "serve.ingress", "serve.app", "serve.k8s", "serve.cli"),
+    # The deployments' options and Ray's environment are plain data from the config, and rendering the
+    # RayService needs nothing else: `make k8s` runs from a venv without Ray or vLLM (.venv-k8s).
+    "serve.deployment": ("serve.api", "serve.jobs", "serve.auth", "serve.engine", "serve.media", "serve.net",
+                         "serve.telemetry", "serve.webhooks", "serve.ingress", "serve.app", "serve.k8s", "serve.cli"),
+    "serve.k8s": ("serve.api", "serve.jobs", "serve.auth", "serve.engine", "serve.media", "serve.net",
+                  "serve.telemetry", "serve.webhooks", "serve.ingress", "serve.app", "serve.cli"),
 }
 
 

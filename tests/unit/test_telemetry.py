@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 
 import pytest
 from fastapi.testclient import TestClient
 
 from serve.ingress import create_app
-from serve.telemetry.access import JsonFormatter
+from serve.telemetry.access import JsonFormatter, TextFormatter
 from tests.conftest import LOCAL_KEY, data_uri
 from tests.fakes import FakeEngine, make_services
 
@@ -102,6 +103,23 @@ def test_json_formatter_writes_one_object_per_line():
     except ValueError:
         failed = logging.LogRecord("serve.x", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
     assert "ValueError: boom" in json.loads(JsonFormatter().format(failed))["exc"]
+
+
+def test_text_formatter_writes_one_readable_line_per_request(client, caplog):
+    """The development console's lines (telemetry.log_format: text): what a person scans for, no key."""
+    caplog.set_level(logging.INFO, logger="llava_serve.access")
+    client.post("/fal-ai/llavav15-13b", json={"prompt": "hi", "image_url": data_uri()}, headers=AUTH)
+    client.post("/fal-ai/llavav15-13b", json={"prompt": "hi", "image_url": data_uri()})
+    ok, denied = (TextFormatter().format(r) for r in caplog.records if r.name == "llava_serve.access")
+    assert re.fullmatch(r"\d\d:\d\d:\d\d 200 POST /fal-ai/llavav15-13b fal run key=local-dev \d+ ms", ok), ok
+    assert re.fullmatch(r"\d\d:\d\d:\d\d 401 POST /fal-ai/llavav15-13b fal run key=- \d+ ms", denied), denied
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("serve.x", logging.ERROR, __file__, 1, "failed %s", ("once",), sys.exc_info())
+    failed.fields = {"job": "j1"}
+    first, *trace = TextFormatter().format(failed).splitlines()
+    assert re.fullmatch(r"\d\d:\d\d:\d\d ERROR serve.x: failed once job=j1", first) and "ValueError: boom" in trace[-1]
 
 
 def test_metrics_without_ray_is_a_clear_503(client):
