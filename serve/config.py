@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, ValidationErro
 ENV_KEYS_FILE = "LLAVA_SERVE_KEYS_FILE"
 ENV_PORT = "PORT"
 ENV_HOST = "LLAVA_SERVE_HOST"
+# Room in a request body for everything but its image's data: URI (prompt, parameters, JSON).
+BODY_OVERHEAD_BYTES = 64 * 1024
 
 
 class _Strict(BaseModel):
@@ -144,6 +146,12 @@ class HttpConfig(_Strict):
         "client needs when pointed here by FAL_RUN_HOST alone). Usually TLS ends at the cluster's ingress instead."
     )
     tls_keyfile: Path | None = Field(None, description="PEM private key of tls_certfile.")
+    max_body_bytes: int = Field(
+        28 * 1024 * 1024, gt=0, description="Largest request body a route reads; a larger one is answered 413 in "
+        "its API's error shape, from its Content-Length before any of it is read, or as soon as a body without "
+        "one passes the cap. Must admit the largest image a client may send as a data: URI (media.max_image_bytes, "
+        "base64-encoded, plus the rest of the request): the default does for the default 20 MiB image."
+    )
     reference: bool = Field(
         True, description="Serve the API reference without a key: GET /docs (Swagger UI, its assets bundled in the "
         "package, no CDN) and GET /openapi.json (docs/api.md §9). False: both answer 404."
@@ -369,6 +377,17 @@ class ServeConfig(_Strict):
             raise ValueError(
                 f"engine_deployment.autoscaling.target_ongoing_requests ({scaling.target_ongoing_requests:g}) must "
                 f"not exceed engine.max_num_seqs ({self.engine.max_num_seqs}): scale up before vLLM's batch is full"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _body_admits_the_largest_image(self) -> ServeConfig:
+        # A data: URI carries the image base64-encoded (4 bytes per 3), inside JSON with the prompt.
+        need = 4 * -(-self.media.max_image_bytes // 3) + BODY_OVERHEAD_BYTES
+        if self.http.max_body_bytes < need:
+            raise ValueError(
+                f"http.max_body_bytes ({self.http.max_body_bytes}) must admit the largest image as a data: URI: at "
+                f"least {need} bytes for media.max_image_bytes {self.media.max_image_bytes}"
             )
         return self
 

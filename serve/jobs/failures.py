@@ -14,7 +14,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from serve.engine.types import EngineInputError, EngineUnavailable, StartTimeout
-from serve.jobs.models import CANCELLED, FailureKind, JobError, LimitExceeded, Problem, StoreUnavailable
+from serve.jobs.models import (
+    CANCELLED, BodyTooLarge, FailureKind, JobError, LimitExceeded, Problem, StoreUnavailable,
+)
 from serve.media.errors import ImageDownloadError, MediaError
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ _KINDS: tuple[tuple[type[BaseException], FailureKind], ...] = (
     (StartTimeout, FailureKind.START_TIMEOUT),
     (EngineUnavailable, FailureKind.UNAVAILABLE),
     (StoreUnavailable, FailureKind.STORE_UNAVAILABLE),
+    (BodyTooLarge, FailureKind.TOO_LARGE),
 )
 
 

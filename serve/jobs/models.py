@@ -75,6 +75,7 @@ class FailureKind(str, Enum):
     IMAGE_LOAD = "image_load"  # the bytes are not a usable image, or the reference is malformed
     INPUT = "input"  # the engine refused the request as sent (e.g. the prompt does not fit the context)
     LIMITED = "limited"  # refused by a per-key limit (rate or concurrency); never stored
+    TOO_LARGE = "too_large"  # the request body is over http.max_body_bytes; never stored
     START_TIMEOUT = "start_timeout"  # did not start before the caller's start deadline
     CANCELLED = "cancelled"  # cancelled by its owner
     UNAVAILABLE = "unavailable"  # no engine replica could serve it
@@ -156,6 +157,15 @@ class LimitExceeded(Exception):
     def __init__(self, admission: Admission):
         super().__init__(admission.reason)
         self.admission = admission
+
+
+class BodyTooLarge(Exception):
+    """A request body over the cap (http.max_body_bytes), refused before it was read whole."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"The request body is larger than the {limit} bytes this server accepts; send large "
+                         f"images by URL, or smaller.")
+        self.limit = limit
 
 
 class StoreUnavailable(RuntimeError):

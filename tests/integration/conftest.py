@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -115,6 +117,36 @@ def run_js(script: str, *args: str, env: dict[str, str]) -> dict:
     assert proc.returncode == 0 and results, (
         f"{script} {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return results[-1]
+
+
+def exchange(base: str, head: str, body_chunks=(), timeout: float = 10.0) -> tuple[int, dict, float]:
+    """Send a request's head (and any body chunks) on a raw socket; the status, JSON body and seconds taken."""
+    url = urlsplit(base)
+    started = time.monotonic()
+    with socket.create_connection((url.hostname, url.port), timeout=timeout) as sock:
+        sock.sendall(head.encode())
+        for chunk in body_chunks:
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the server answered and closed while we were still sending
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < length(data):
+            got = sock.recv(65536)
+            if not got:
+                break
+            data += got
+    seconds = time.monotonic() - started
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data.split(b"\r\n\r\n", 1)[1][: length(data)]), seconds
+
+
+def length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 1 << 30
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from PIL import Image
 from serve.config import parse_config
 from serve.engine.tiny_model import IMAGE_SEQ_LENGTH
 from tests.conftest import CONFIGS, LOCAL_KEY, ROOT, free_port
+from tests.integration.conftest import exchange
 
 sys.path.insert(0, str(ROOT / "loadtest"))
 import stack as loadtest_stack  # noqa: E402
@@ -72,3 +73,14 @@ def test_bad_input_keeps_the_apis_shape_through_haproxy(haproxy_stack):
     r = requests.post(f"{haproxy_stack}/{APP}", json={"prompt": "hi", "image_url": "data:image/png;base64,AAAA"},
                       headers={"Authorization": f"Key {LOCAL_KEY}"}, timeout=60)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "image_url"]
+
+
+def test_an_oversized_body_is_refused_through_haproxy_before_it_is_sent(haproxy_stack):
+    """The body cap (docs/api.md §1.4) holds on the production path too: HAProxy streams the request to the
+    ingress replica's own server, which answers 413 from the Content-Length alone."""
+    cap = parse_config(yaml.safe_load((CONFIGS / "local-cpu.yaml").read_text()), CONFIGS, env={}).http.max_body_bytes
+    head = (f"POST /queue/{APP} HTTP/1.1\r\nHost: {haproxy_stack.split('//')[1]}\r\n"
+            f"Authorization: Key {LOCAL_KEY}\r\nContent-Type: application/json\r\nContent-Length: {cap + 1}\r\n\r\n")
+    status, body, seconds = exchange(haproxy_stack, head)
+    assert status == 413 and body["error_type"] == "request_too_large", body
+    assert seconds < 2, f"{seconds:.2f} s to the 413"

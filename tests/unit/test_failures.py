@@ -4,6 +4,7 @@ cover every kind (no silent fallback), in that API's error shape."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import pytest
@@ -16,7 +17,9 @@ from serve.api.fal.errors import ANSWERS as FAL_ANSWERS
 from serve.api.openai.errors import ANSWERS as OPENAI_ANSWERS
 from serve.engine.types import EngineInputError, EngineUnavailable, StartTimeout
 from serve.jobs.failures import INTERNAL_MESSAGE, classify
-from serve.jobs.models import Admission, FailureKind, JobError, LimitExceeded, Problem, StoreUnavailable
+from serve.jobs.models import (
+    Admission, BodyTooLarge, FailureKind, JobError, LimitExceeded, Problem, StoreUnavailable,
+)
 from serve.media.errors import ImageDownloadError, ImageLoadError
 
 REFUSED = Admission(allowed=False, reason="rate", limit=60, max_concurrent=10, remaining=0, reset_s=12.0,
@@ -39,6 +42,7 @@ EXAMPLES = {
     FailureKind.IMAGE_LOAD: ImageLoadError("not an image"),
     FailureKind.INPUT: EngineInputError("prompt too long"),
     FailureKind.LIMITED: LimitExceeded(REFUSED),
+    FailureKind.TOO_LARGE: BodyTooLarge(1000),
     FailureKind.START_TIMEOUT: StartTimeout("late"),
     FailureKind.CANCELLED: asyncio.CancelledError(),
     FailureKind.UNAVAILABLE: EngineUnavailable("no replica"),
@@ -94,6 +98,8 @@ def test_each_api_table_covers_every_kind_in_its_shape(api):
         assert (got.status_code == 500) == (kind == FailureKind.INTERNAL), (api, kind, got.status_code)
         if kind == FailureKind.LIMITED:
             assert got.status_code == 429 and got.headers["Retry-After"] == "12"
+        if kind == FailureKind.TOO_LARGE:
+            assert got.status_code == 413 and "1000 bytes" in json.dumps(got.body)
 
 
 def test_eachlabs_error_codes_cover_every_kind():

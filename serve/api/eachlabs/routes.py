@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from serve.api.body import request_body
 from serve.api.context import api_name, context, operation
 from serve.api.eachlabs import serving
 from serve.api.eachlabs.errors import ANSWERS, error
@@ -35,18 +36,20 @@ def base_url(request: Request, services: Services) -> str:
 @router.post("/v1/prediction", dependencies=[Depends(operation("create"))])
 @router.post("/v1/prediction/", dependencies=[Depends(operation("create"))])
 async def create(
-    request: Request, caller: Caller = Depends(each_caller), services: Services = Depends(get_services)
+    request: Request, caller: Caller = Depends(each_caller), services: Services = Depends(get_services),
+    body: bytes = Depends(request_body),
 ) -> Response:
-    req = serving.parse_create(await request.body())
+    req = serving.parse_create(body)
     job, admission = await serving.create(services, context(request), caller, req)
     return serving.created(job, admission)
 
 
 @router.post("/v1/prediction/run", dependencies=[Depends(operation("run"))])
 async def run(
-    request: Request, caller: Caller = Depends(each_caller), services: Services = Depends(get_services)
+    request: Request, caller: Caller = Depends(each_caller), services: Services = Depends(get_services),
+    body: bytes = Depends(request_body),
 ) -> Response:
-    req = serving.parse_create(await request.body())
+    req = serving.parse_create(body)
     return await serving.run(services, context(request), caller, req, base_url(request, services))
 
 

@@ -67,6 +67,7 @@ ANSWERS: Answers = {
     FailureKind.IMAGE_LOAD: _on_field("image_url", "image_load_error"),
     FailureKind.INPUT: _on_field("prompt", "value_error"),
     FailureKind.LIMITED: _limited,
+    FailureKind.TOO_LARGE: lambda err, inp: flat_error(413, err.message, "request_too_large"),
     # The caller's own start timeout ran out: with this header neither client retries.
     FailureKind.START_TIMEOUT: lambda err, inp: flat_error(
         504, "Request timed out", "request_timeout", X_Fal_Request_Timeout_Type="user"),

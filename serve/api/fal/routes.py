@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from serve.api.body import request_body
 from serve.api.context import api_name, context, operation
 from serve.api.errors import shaped_errors
 from serve.api.fal import serving
@@ -55,23 +56,25 @@ def with_logs(request: Request) -> bool:
 
 @router.post(f"/{APP_ID}", dependencies=[Depends(operation("run"))])
 async def run_or_submit(
-    request: Request, caller: Caller = Depends(fal_caller), services: Services = Depends(get_services)
+    request: Request, caller: Caller = Depends(fal_caller), services: Services = Depends(get_services),
+    body: bytes = Depends(request_body),
 ) -> Response:
     ctx = context(request)
     if request.state.fal.queue:
         ctx.operation = "submit"  # one path, two operations (docs/api.md §1.2)
         return await serving.submit(
-            services, ctx, caller, await request.body(), start_timeout=start_timeout(request),
+            services, ctx, caller, body, start_timeout=start_timeout(request),
             webhook=request.query_params.get("fal_webhook"), queue_root=queue_root(request, services))
-    inp = serving.parse(await request.body())  # before the limits: a malformed body costs no quota
+    inp = serving.parse(body)  # before the limits: a malformed body costs no quota
     return await serving.run(services, ctx, caller, inp, serving.seconds_to_start(start_timeout(request)))
 
 
 @router.post(f"/{APP_ID}/stream", dependencies=[Depends(operation("stream"))])
 async def stream(
-    request: Request, caller: Caller = Depends(fal_caller), services: Services = Depends(get_services)
+    request: Request, caller: Caller = Depends(fal_caller), services: Services = Depends(get_services),
+    body: bytes = Depends(request_body),
 ) -> Response:
-    inp = serving.parse(await request.body())
+    inp = serving.parse(body)
     timeout_s = serving.seconds_to_start(start_timeout(request))
     return await serving.stream(services, context(request), caller, inp, timeout_s)
 

@@ -85,6 +85,7 @@ ANSWERS: Answers = {
     FailureKind.IMAGE_LOAD: _image("invalid_image_format"),
     FailureKind.INPUT: lambda err, inp: invalid(err.message, "messages"),
     FailureKind.LIMITED: _limited,
+    FailureKind.TOO_LARGE: lambda err, inp: error(413, err.message, INVALID, None, "request_too_large"),
     FailureKind.START_TIMEOUT: _fixed(504, "The request did not start in time. Please retry.", "timeout"),
     FailureKind.CANCELLED: _fixed(400, "The request was cancelled.", INVALID, "cancelled"),
     FailureKind.UNAVAILABLE: _fixed(503, "The model is unavailable right now; please retry.", "server_error",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from serve.api.body import request_body
 from serve.api.context import api_name, context, operation
 from serve.api.errors import shaped_errors
 from serve.api.openai import serving
@@ -33,9 +34,10 @@ async def openai_caller(request: Request, services: Services = Depends(get_servi
 
 @router.post("/v1/chat/completions", dependencies=[Depends(operation("chat"))])
 async def chat(
-    request: Request, caller: Caller = Depends(openai_caller), services: Services = Depends(get_services)
+    request: Request, caller: Caller = Depends(openai_caller), services: Services = Depends(get_services),
+    body: bytes = Depends(request_body),
 ) -> Response:
-    req, conv = serving.parse(services, await request.body())  # before the limits: a bad body costs no quota
+    req, conv = serving.parse(services, body)  # before the limits: a bad body costs no quota
     return await serving.chat(services, context(request), caller, req, conv)
 
 
