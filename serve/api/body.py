@@ -12,17 +12,10 @@ from fastapi import Depends, Request
 
 from serve.api.services import Services, get_services
 from serve.jobs.models import BodyTooLarge
+from serve.net.bounded import read_bounded
 
 
 async def request_body(request: Request, services: Services = Depends(get_services)) -> bytes:
     limit = services.config.http.max_body_bytes
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_bounded(request.stream(), limit, request.headers.get("content-length", ""),
+                              lambda: BodyTooLarge(limit))

@@ -9,6 +9,7 @@ import httpx
 
 from serve.config import MediaConfig
 from serve.media.errors import ImageDownloadError, ImageLoadError
+from serve.net.bounded import read_bounded
 from serve.net.guard import AddressGuard, AddressRefused, Resolver, system_resolver
 from serve.net.pinned import pinned_client, send_pinned, url_problem
 
@@ -105,16 +106,8 @@ class Fetcher:
                 f"The image host sent the image compressed (Content-Encoding: {encoding}); serve it uncompressed."
             )
         limit = self._cfg.max_image_bytes
-        declared = resp.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise _too_large(limit)
-        chunks, size = [], 0
-        async for chunk in resp.aiter_raw():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_bounded(resp.aiter_raw(), limit, resp.headers.get("content-length", ""),
+                                  lambda: _too_large(limit))
 
     async def aclose(self) -> None:
         if self._client is not None:
