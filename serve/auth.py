@@ -58,6 +58,8 @@ class KeyRing:
                     limits=Limits(
                         rate_per_minute=e.rate_per_minute or limits.rate_per_minute,
                         max_concurrent=e.max_concurrent or limits.max_concurrent,
+                        max_pending=limits.max_pending,
+                        max_stored_bytes=limits.max_stored_bytes,
                     ),
                 ),
             )

@@ -20,6 +20,12 @@ ENV_PORT = "PORT"
 ENV_HOST = "LLAVA_SERVE_HOST"
 # Room in a request body for everything but its image's data: URI (prompt, parameters, JSON).
 BODY_OVERHEAD_BYTES = 64 * 1024
+# Per-key store bounds' defaults (LimitsConfig, and serve.jobs.models.Limits for stores used without a config).
+MAX_PENDING = 100  # jobs queued, not yet started
+MAX_STORED_BYTES = 64 * 1024 * 1024  # bytes of the full inputs of unfinished jobs
+# The most bytes a pixel of the full-size image costs while it is decoded (serve/media/decode.py derives it;
+# docs/media.md, "Decode memory"): what media.decode_memory_bytes must admit for max_image_pixels.
+MOST_DECODE_BYTES_PER_PIXEL = 20
 
 
 class _Strict(BaseModel):
@@ -190,6 +196,17 @@ class AuthConfig(_Strict):
 class LimitsConfig(_Strict):
     rate_per_minute: int = Field(60, gt=0, description="Default generation requests per key per rolling 60 s.")
     max_concurrent: int = Field(10, gt=0, description="Default in-flight generation requests per key.")
+    max_pending: int = Field(
+        MAX_PENDING, gt=0, description="Jobs one key may have queued and not yet started (fal queue and Eachlabs "
+        "together); past it a submit is answered 429 in its API's shape. 100 is 10 minutes of the default rate, "
+        "and more than a key at its concurrency cap can start in a while (docs/bounds.md, \"The job store\")."
+    )
+    max_stored_bytes: int = Field(
+        MAX_STORED_BYTES, gt=0, description="Bytes of input (as JSON) one key's unfinished jobs (queued or running) "
+        "may hold in the job store; a submit that would pass it is answered 429. It bounds the store's memory per "
+        "key (docs/bounds.md sizes Redis from it); keep it at least http.max_body_bytes, or the largest body is "
+        "never accepted."
+    )
 
 
 class MediaConfig(_Strict):
@@ -237,6 +254,20 @@ class MediaConfig(_Strict):
         description="Decoded images kept in an LRU cache keyed by the hash of their encoded bytes, bounded by "
         "their RGB size in bytes; 0 disables.",
     )
+    max_aspect_ratio: float = Field(
+        20.0,
+        ge=1,
+        description="Longest side over shortest side accepted, read from the header before decoding. The model's "
+        "processor scales the shortest side to 336 px, so the ratio bounds its work; 20 admits photos, panoramas "
+        "and long screenshots.",
+    )
+    decode_memory_bytes: int = Field(
+        1024 * 1024 * 1024,
+        gt=0,
+        description="Memory the image decodes of one ingress replica may hold at once. Each decode reserves its "
+        "worst case (8 bytes a pixel; up to 20 for WebP, 16 for progressive JPEG) before it starts and waits for "
+        "room; must admit max_image_pixels at 20 bytes a pixel.",
+    )
 
     @field_validator("allow_hosts")
     @classmethod
@@ -252,6 +283,16 @@ class MediaConfig(_Strict):
         if unknown:
             raise ValueError(f"unknown image formats {unknown}; Pillow reads {sorted(PIL.Image.OPEN)}")
         return names
+
+    @model_validator(mode="after")
+    def _budget_admits_the_largest_image(self) -> MediaConfig:
+        largest = self.max_image_pixels * MOST_DECODE_BYTES_PER_PIXEL
+        if largest > self.decode_memory_bytes:
+            raise ValueError(
+                f"decode_memory_bytes ({self.decode_memory_bytes}) must be at least {largest}: decoding an image "
+                f"of max_image_pixels ({self.max_image_pixels}) holds up to that much (docs/media.md)"
+            )
+        return self
 
 
 class JobsConfig(_Strict):
@@ -292,9 +333,27 @@ class StoreConfig(_Strict):
         return self
 
 
+class ReadsConfig(_Strict):
+    per_second: float = Field(
+        100.0, gt=0, description="Reads one key may make per second in each ingress replica: fal status polls, "
+        "results, cancels and status streams opened, Eachlabs GETs and cancels, OpenAI model lists. Past it (and "
+        "its burst) a read is answered 429 in its API's shape with Retry-After. Generous: a queue client polls "
+        "every 0.1 s per job, so 10 jobs in flight poll 100 times a second (docs/bounds.md, \"Reads\")."
+    )
+    burst: int = Field(300, gt=0, description="Reads a key may save up and spend at once.")
+    max_status_streams: int = Field(
+        20, gt=0, description="fal status streams (/status/stream) one key may hold open in each ingress replica; "
+        "another is answered 429. Each polls the store every fal.status_stream_poll_s."
+    )
+
+
 class EachlabsConfig(_Strict):
     price_per_second: float = Field(
         0.0011, ge=0, description="USD per second of prediction time, reported as metrics.cost (llava-13b's price)."
+    )
+    run_poll_s: float = Field(
+        0.25, gt=0, description="How often the blocking POST /v1/prediction/run looks at its prediction in the "
+        "store while it waits (a brief read: the status only)."
     )
 
 
@@ -336,7 +395,18 @@ class WebhooksConfig(_Strict):
         5.0, ge=0, description="Wait before the second attempt; each later wait doubles (5, 10, 20, ... s)."
     )
     max_backoff_s: float = Field(300.0, ge=0, description="Longest wait between two attempts.")
-    timeout_s: float = Field(15.0, gt=0, description="Deadline of one delivery attempt.")
+    timeout_s: float = Field(
+        15.0, gt=0, description="Deadline of one delivery attempt, all of it: DNS, connecting, the answer's headers "
+        "and the part of its body that is read."
+    )
+    max_response_bytes: int = Field(
+        4096, ge=0, description="Most bytes of a receiver's answer read per attempt; only its status counts, the "
+        "rest is never read."
+    )
+    max_concurrent: int = Field(
+        128, gt=0, description="Delivery attempts in flight per ingress replica; further ones wait their turn (in "
+        "order), deliveries waiting to retry hold no place."
+    )
 
 
 class ServeConfig(_Strict):
@@ -354,6 +424,7 @@ class ServeConfig(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig, description="Job store and limiter backend.")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Job leases and the runners in the ingress.")
     eachlabs: EachlabsConfig = Field(default_factory=EachlabsConfig, description="Eachlabs prediction API settings.")
+    reads: ReadsConfig = Field(default_factory=ReadsConfig, description="Per-key budgets for reads (polls, results).")
     fal: FalConfig = Field(default_factory=FalConfig, description="fal API settings.")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Logs and metrics.")
     webhooks: WebhooksConfig = Field(
@@ -388,6 +459,16 @@ class ServeConfig(_Strict):
             raise ValueError(
                 f"http.max_body_bytes ({self.http.max_body_bytes}) must admit the largest image as a data: URI: at "
                 f"least {need} bytes for media.max_image_bytes {self.media.max_image_bytes}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _a_key_may_store_the_largest_body(self) -> ServeConfig:
+        # Otherwise the largest job a route accepts could never be queued: refused as "stored" forever.
+        if self.limits.max_stored_bytes < self.http.max_body_bytes:
+            raise ValueError(
+                f"limits.max_stored_bytes ({self.limits.max_stored_bytes}) must be at least http.max_body_bytes "
+                f"({self.http.max_body_bytes}): a key must be able to queue the largest request it may send"
             )
         return self
 

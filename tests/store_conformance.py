@@ -14,7 +14,17 @@ import uuid
 
 import pytest
 
-from serve.jobs.models import CancelOutcome, Job, JobError, JobResult, JobStatus, Limits, Problem
+from serve.jobs.models import (
+    CancelOutcome,
+    Job,
+    JobError,
+    JobResult,
+    JobStatus,
+    Limits,
+    Problem,
+    abridge_long_strings,
+    input_bytes,
+)
 from tests.conftest import Clock
 
 TTL = 3600.0
@@ -28,6 +38,11 @@ def job(owner="alice", cap=10, **kw) -> Job:
 
 RESULT = JobResult(chunks=["a", "b"], num_input_tokens=600, num_output_tokens=2, finish_reason="length")
 L = Limits(rate_per_minute=5, max_concurrent=2)
+IMAGE = "data:image/png;base64," + "A" * 200_000  # an image sent inline: what the stored-bytes bound is about
+
+
+def with_image(j: Job) -> Job:
+    return j.model_copy(update={"input": {"prompt": "hi", "image_url": IMAGE}})
 
 
 class StoreConformance:
@@ -157,20 +172,133 @@ class StoreConformance:
         assert await store.get(j.id, "mallory") is None  # another key's job does not exist for it
         assert await store.get("no-such-id", "alice") is None
 
-    async def test_a_brief_read_is_the_job_less_its_input_and_result(self, store, clock):
-        big = job().model_copy(update={"input": {"prompt": "hi", "image_url": "data:image/png;base64," + "A" * 200_000}})
+    async def test_reads_show_the_input_abridged_and_only_a_claim_the_full_one(self, store, clock):
+        big = with_image(job())
+        shown = {"prompt": "hi", "image_url": IMAGE[:64] + "… (200022 characters)"}
         await store.enqueue(big, L, cap_pending=False)
         queued = await store.get(big.id, "alice", brief=True)
-        assert queued.input == {} and queued.status == JobStatus.QUEUED and queued.queue_position == 0
-        await store.claim("r1", LEASE)
+        assert queued.input == shown and queued.status == JobStatus.QUEUED and queued.queue_position == 0
+        assert (await store.get(big.id, "alice")).input == shown
+        claimed = await store.claim("r1", LEASE)
+        assert claimed.input == big.input  # the runner gets what was sent
         await store.log(big.id, "r1", "Image fetched")
         clock.advance(2)
         await store.finish(big.id, "r1", result=RESULT)
         full, brief = await store.get(big.id, "alice"), await store.get(big.id, "alice", brief=True)
-        assert full.input == big.input and full.result == RESULT  # the full read is untouched
-        assert brief.input == {} and brief.result is None
-        assert brief == full.model_copy(update={"input": {}, "result": None})  # everything else is the same
+        assert full.input == shown and full.result == RESULT
+        assert brief.result is None and brief == full.model_copy(update={"result": None})  # the rest is the same
         assert await store.get(big.id, "mallory", brief=True) is None
+
+    async def test_a_requeued_job_is_claimed_again_with_its_full_input(self, store, clock):
+        big = with_image(job())
+        await store.enqueue(big, L, cap_pending=False)
+        await store.claim("r1", LEASE)
+        clock.advance(LEASE + 1)  # r1 died
+        assert await store.reap() == 1
+        assert (await store.get(big.id, "alice")).input["image_url"].endswith("(200022 characters)")
+        assert (await store.claim("r2", LEASE)).input == big.input
+
+    async def test_an_ended_job_keeps_only_its_abridged_input(self, store, clock):
+        ended = with_image(job(notify=True))
+        await store.enqueue(ended, L, cap_pending=False)
+        await store.cancel(ended.id, "alice")
+        [announced] = await store.take_finished()
+        assert announced.input == abridge_long_strings(ended.input)  # webhooks echo what reads show
+
+    # -- the job store's bounds (docs/bounds.md, "The job store") -----------------------------------
+
+    async def test_pending_jobs_are_capped_per_key_and_a_refusal_records_nothing(self, store):
+        limits = Limits(rate_per_minute=100, max_concurrent=1, max_pending=3)
+        accepted = [await store.enqueue(job(cap=1), limits, cap_pending=False) for _ in range(3)]
+        assert all(a.allowed for a in accepted)
+        refused = await store.enqueue(job(cap=1), limits, cap_pending=False)
+        assert not refused.allowed and refused.reason == "pending" and refused.retry_after >= 1
+        assert refused.remaining == accepted[-1].remaining  # the refusal spent no rate
+        assert await store.counts() == {"queued": 3, "running": 0}
+        assert (await store.enqueue(job("bob", cap=1), limits, cap_pending=False)).allowed  # per key
+        await store.claim("r1", LEASE)  # one of alice's starts: room for one more
+        assert (await store.enqueue(job(cap=1), limits, cap_pending=False)).allowed
+        assert (await store.enqueue(job(cap=1), limits, cap_pending=False)).reason == "pending"
+
+    async def test_the_pending_cap_applies_to_capped_keys_too(self, store):
+        limits = Limits(rate_per_minute=100, max_concurrent=10, max_pending=1)
+        assert (await store.enqueue(job(), limits, cap_pending=True)).allowed
+        assert (await store.enqueue(job(), limits, cap_pending=True)).reason == "pending"
+
+    async def test_stored_bytes_are_capped_per_key(self, store):
+        one, small = input_bytes(with_image(job()).input), input_bytes(job().input)
+        limits = Limits(rate_per_minute=100, max_concurrent=1, max_stored_bytes=2 * one + small)
+        assert (await store.enqueue(with_image(job(cap=1)), limits, cap_pending=False)).allowed
+        assert (await store.enqueue(with_image(job(cap=1)), limits, cap_pending=False)).allowed
+        refused = await store.enqueue(with_image(job(cap=1)), limits, cap_pending=False)
+        assert not refused.allowed and refused.reason == "stored" and refused.retry_after >= 1
+        assert await store.counts() == {"queued": 2, "running": 0}  # nothing recorded
+        assert (await store.enqueue(job(cap=1), limits, cap_pending=False)).allowed  # exactly the room left
+        assert (await store.enqueue(with_image(job("bob", cap=1)), limits, cap_pending=False)).allowed  # per key
+        await store.claim("r1", LEASE)  # a running job's input still counts: it is not finished
+        assert (await store.enqueue(with_image(job(cap=1)), limits, cap_pending=False)).reason == "stored"
+
+    @pytest.mark.parametrize("end", ["succeeded", "failed", "cancelled_queued", "cancelled_running",
+                                     "worker_lost", "start_timeout_at_claim", "start_timeout_at_reap"])
+    async def test_stored_bytes_are_given_back_however_a_job_ends(self, store, clock, end):
+        big = with_image(job(cap=1, start_timeout_s=5.0 if end.startswith("start_timeout") else None))
+        limits = Limits(rate_per_minute=100, max_concurrent=1, max_stored_bytes=input_bytes(big.input))
+        assert (await store.enqueue(big, limits, cap_pending=False)).allowed
+        assert (await store.enqueue(with_image(job(cap=1)), limits, cap_pending=False)).reason == "stored"
+        if end in ("succeeded", "failed", "cancelled_running", "worker_lost"):
+            assert (await store.claim("r1", LEASE)).id == big.id
+        if end == "succeeded":
+            assert await store.finish(big.id, "r1", result=RESULT)
+        elif end == "failed":
+            assert await store.finish(big.id, "r1", error=JobError(kind="input", message="too long"))
+        elif end == "cancelled_queued":
+            assert await store.cancel(big.id, "alice") == CancelOutcome.CANCELLED
+        elif end == "cancelled_running":
+            assert await store.cancel(big.id, "alice") == CancelOutcome.REQUESTED
+            assert await store.finish(big.id, "r1", error=JobError(kind="cancelled", message="Cancelled."))
+        elif end == "worker_lost":  # max_attempts 2: lost, re-queued, lost again
+            for runner in ("r2", "r3"):
+                clock.advance(LEASE + 1)
+                await store.reap()
+                if runner == "r2":
+                    assert (await store.claim(runner, LEASE)).id == big.id
+        else:
+            clock.advance(5)
+            if end == "start_timeout_at_claim":
+                assert await store.claim("r1", LEASE) is None
+            else:
+                assert await store.reap() == 1
+        assert (await store.get(big.id, "alice")).status.terminal
+        # Back to zero: the next job may take the whole allowance again.
+        assert (await store.enqueue(with_image(job(cap=1)), limits, cap_pending=False)).allowed
+
+    async def test_a_second_key_is_claimed_at_once_behind_a_capped_backlog(self, store):
+        limits = Limits(rate_per_minute=10_000, max_concurrent=1, max_pending=1000)
+        backlog = [job("alice", cap=1) for _ in range(1000)]
+        for j in backlog:
+            assert (await store.enqueue(j, limits, cap_pending=False)).allowed
+        assert (await store.claim("r1", LEASE)).id == backlog[0].id  # alice is now at her cap
+        assert (await store.enqueue(job("alice", cap=1), limits, cap_pending=False)).allowed  # 1,000 pending
+        assert (await store.enqueue(job("alice", cap=1), limits, cap_pending=False)).reason == "pending"
+        assert await store.claim("r1", LEASE) is None
+        bob = job("bob", cap=1)
+        assert (await store.enqueue(bob, limits, cap_pending=False)).queue_position == 1000  # alice's all ahead
+        assert (await store.claim("r2", LEASE)).id == bob.id
+        assert (await store.get(backlog[-1].id, "alice")).queue_position == 998
+
+    async def test_claims_follow_the_global_order_across_keys(self, store, clock):
+        a1, b1, a2, c1, b2 = job("alice", cap=1), job("bob"), job("alice", cap=1), job("carol"), job("bob")
+        for j in (a1, b1, a2, c1, b2):
+            await store.enqueue(j, L, cap_pending=False)
+        order = [(await store.claim("r1", LEASE)).id for _ in range(4)]
+        assert order == [a1.id, b1.id, c1.id, b2.id]  # a2 waits for alice's slot
+        assert (await store.get(a2.id, "alice")).queue_position == 0
+        clock.advance(LEASE + 1)  # r1 died: its four jobs go back to the front, in accept order, ahead of a2
+        assert await store.reap() == 4
+        positions = [(await store.get(j.id, j.owner)).queue_position for j in (a1, b1, c1, b2, a2)]
+        assert positions == [0, 1, 2, 3, 4]
+        again = [(await store.claim("r2", LEASE)).id for _ in range(4)]
+        assert again == [a1.id, b1.id, c1.id, b2.id] and await store.claim("r2", LEASE) is None
 
     async def test_failures_keep_their_error(self, store):
         j = job()

@@ -14,8 +14,26 @@ from serve.jobs.models import WINDOW_S, Admission, LimitExceeded
 from serve.jobs.store import JobStore
 
 
+# Refusals by the read budget (serve/api/reads.py): the generation window's headers do not describe them.
+READ_REASONS = ("reads", "streams")
+
+
+def refusal_detail(adm: Admission) -> str | None:
+    """Plain words for a refusal by one of the bounds every API shares (docs/bounds.md); None for the rate
+    and concurrency limits, which each API words in its own way."""
+    return {
+        "pending": "Too many of this key's requests are waiting in the queue. Please retry when some have started.",
+        "stored": "This key's waiting requests already hold as many bytes as it may store. Send images by URL, or "
+                  "retry when some have finished.",
+        "reads": f"Too many status reads for this key. Please retry after {adm.retry_after} seconds.",
+        "streams": f"Too many open status streams for this key (limit {adm.limit}). Close one, or poll the status.",
+    }.get(adm.reason or "")
+
+
 def rate_limit_headers(adm: Admission) -> dict[str, str]:
     """X-RateLimit-* (Reset in delta seconds) and the IETF draft's fields; Retry-After on refusals."""
+    if adm.reason in READ_REASONS:
+        return {"Retry-After": str(adm.retry_after)}
     reset = math.ceil(adm.reset_s)
     headers = {
         "X-RateLimit-Limit": str(adm.limit),

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from serve.api.reads import ReadBudget
 from serve.auth import KeyRing
 from serve.config import ServeConfig
 from serve.engine.types import Engine
@@ -23,6 +24,7 @@ class Services:
     media: ImageIntake
     store: JobStore
     webhooks: WebhookSender
+    reads: ReadBudget  # per-key budgets of polls and status streams, this replica's
     started: int = field(default_factory=lambda: int(time.time()))  # unix seconds: the model list's `created`
 
     @classmethod
@@ -35,6 +37,7 @@ class Services:
             media=ImageIntake(cfg.media),
             store=store,
             webhooks=WebhookSender(cfg.media, cfg.webhooks),
+            reads=ReadBudget(cfg.reads),
         )
 
     async def aclose(self) -> None:

@@ -39,7 +39,7 @@ async def generation(
     is closed (a caller that left aborts the request) and the slot released. The start timeout counts
     from the admission; failures before the first token raise here, where they can still be an HTTP error."""
     async with AsyncExitStack() as held:  # exits in reverse: the engine stream closes, then the slot frees
-        with _counting_refusals(ctx, caller):
+        with counting_refusals(ctx, caller):
             admission = await held.enter_async_context(admitted(services.store, caller, services.config.jobs.lease_s))
         # Admitted: the start timeout and the time to first token count from here.
         items = await _start(services, ctx.api, "stream" if stream else "sync", image_url, build, start_timeout_s)
@@ -97,15 +97,22 @@ async def complete(gen: Generation, ctx: RequestContext, caller: Caller) -> tupl
 async def accept(services: Services, ctx: RequestContext, caller: Caller, job: Job, *, cap_pending: bool) -> Admission:
     """Put a job in the store's queue, counted against the caller's limits (refusals raise LimitExceeded).
     With `cap_pending`, queued jobs count against the concurrency cap too."""
-    with _counting_refusals(ctx, caller):
+    with counting_refusals(ctx, caller):
         admission = await services.store.enqueue(job, caller.limits, cap_pending=cap_pending)
         if not admission.allowed:
             raise LimitExceeded(admission)
     return admission
 
 
+def read(services: Services, ctx: RequestContext, caller: Caller) -> None:
+    """Spend one of the caller's reads (polls, results, cancels): their own budget, never the generation
+    limits (docs/bounds.md, "Reads"). A refusal raises LimitExceeded, counted like the others."""
+    with counting_refusals(ctx, caller):
+        services.reads.take(caller.name)
+
+
 @contextmanager
-def _counting_refusals(ctx: RequestContext, caller: Caller) -> Iterator[None]:
+def counting_refusals(ctx: RequestContext, caller: Caller) -> Iterator[None]:
     """Counts a limit refusal in the metrics, by API and key, on its way out."""
     try:
         yield

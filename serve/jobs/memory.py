@@ -9,11 +9,15 @@ step (their tests run both in lockstep). In-process it serves unit tests and too
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import heapq
 from collections import OrderedDict, deque
+from typing import Any
 
 from serve.jobs.models import (
     CANCELLED,
+    QUEUE_FULL_RETRY_S,
     REQUEUED,
     START_TIMEOUT,
     WINDOW_S,
@@ -26,7 +30,9 @@ from serve.jobs.models import (
     JobStatus,
     Limits,
     LogLine,
+    abridge_long_strings,
     final_status,
+    input_bytes,
 )
 
 
@@ -36,8 +42,19 @@ class MemoryStore:
     def __init__(self, result_ttl_s: float, max_attempts: int):
         self._ttl = result_ttl_s
         self._max_attempts = max_attempts
-        self._jobs: dict[str, Job] = {}
-        self._queue: OrderedDict[str, None] = OrderedDict()  # queued job ids, FIFO
+        self._jobs: dict[str, Job] = {}  # every job, its input abridged (what reads return)
+        self._inputs: dict[str, dict[str, Any]] = {}  # unfinished jobs' full inputs: claim hands them to runners
+        self._input_bytes: dict[str, int] = {}  # unfinished job id -> its full input's bytes
+        self._stored: dict[str, int] = {}  # owner -> the sum of those of its jobs (max_stored_bytes)
+        # The queue, one FIFO for everyone kept as each owner's own FIFO plus the owners' order, so a claim
+        # looks at owners, never at jobs (docs/architecture.md, "The job store"). Scores, as in Redis:
+        # accept order, and a re-queue goes below every other.
+        self._scores: dict[str, float] = {}  # queued job id -> its place in the FIFO
+        self._order: list[float] = []  # those scores, sorted: a job's queue position is its index here
+        self._owner_queues: dict[str, OrderedDict[str, None]] = {}  # owner -> its queued ids, FIFO; never empty
+        self._accepted = 0  # the last accept's score
+        self._deadlines: dict[str, float] = {}  # queued, never-started job id -> its start deadline
+        self._deadline_heap: list[tuple[float, float, str]] = []  # (deadline, score, id); dequeued ids skipped
         self._windows: dict[str, deque[float]] = {}  # owner -> admission times in the window
         self._slots: dict[str, dict[str, float]] = {}  # owner -> slot id -> lease expiry
         self._finished: deque[str] = deque()  # the outbox: ended notify jobs not yet handed out, FIFO
@@ -46,7 +63,7 @@ class MemoryStore:
 
     def _announce(self) -> None:
         """Queued work may be claimable now: wake the runners waiting for it."""
-        if not self._queue:
+        if not self._scores:
             return
         self._work += 1
         if self._woken is not None:
@@ -72,9 +89,11 @@ class MemoryStore:
             del slots[slot]
         return window, slots
 
-    def _decision(self, owner: str, limits: Limits, now: float, in_flight_extra: int | None) -> Admission:
+    def _decision(self, owner: str, limits: Limits, now: float, in_flight_extra: int | None,
+                  queued: tuple[int, int] | None = None) -> Admission:
         """Admit (recording the time in the window) or refuse (recording nothing). `in_flight_extra`:
-        work counted against the concurrency cap beyond the slots; None = no concurrency check."""
+        work counted against the concurrency cap beyond the slots; None = no concurrency check. `queued`
+        (an enqueue): the owner's queued jobs, and its stored bytes with the new job's, against its bounds."""
         window, slots = self._prune(owner, now)
         reset_s = window[0] + WINDOW_S - now if window else 0.0
         base = {"limit": limits.rate_per_minute, "max_concurrent": limits.max_concurrent,
@@ -83,6 +102,10 @@ class MemoryStore:
             return Admission(allowed=False, reason="rate", retry_after_s=reset_s, **base)
         if in_flight_extra is not None and len(slots) + in_flight_extra >= limits.max_concurrent:
             return Admission(allowed=False, reason="concurrency", retry_after_s=1.0, **base)
+        if queued is not None and queued[0] >= limits.max_pending:
+            return Admission(allowed=False, reason="pending", retry_after_s=QUEUE_FULL_RETRY_S, **base)
+        if queued is not None and queued[1] > limits.max_stored_bytes:
+            return Admission(allowed=False, reason="stored", retry_after_s=QUEUE_FULL_RETRY_S, **base)
         window.append(now)
         base["remaining"] -= 1
         base["reset_s"] = window[0] + WINDOW_S - now
@@ -110,14 +133,45 @@ class MemoryStore:
     # -- jobs -----------------------------------------------------------------------------
 
     async def enqueue(self, job: Job, limits: Limits, cap_pending: bool, now: float) -> Admission:
-        queued = sum(1 for jid in self._queue if self._jobs[jid].owner == job.owner) if cap_pending else None
-        decision = self._decision(job.owner, limits, now, in_flight_extra=queued)
+        queued = len(self._owner_queues.get(job.owner, ()))
+        size = input_bytes(job.input)
+        stored = self._stored.get(job.owner, 0) + size
+        decision = self._decision(job.owner, limits, now, queued if cap_pending else None, (queued, stored))
         if decision.allowed:
-            self._jobs[job.id] = job.model_copy(update={"status": JobStatus.QUEUED, "created_at": now})
-            self._queue[job.id] = None
-            decision.queue_position = len(self._queue) - 1
+            accepted = job.model_copy(update={"status": JobStatus.QUEUED, "created_at": now,
+                                              "input": abridge_long_strings(job.input)})
+            self._jobs[job.id], self._inputs[job.id] = accepted, job.input
+            self._input_bytes[job.id] = size
+            self._stored[job.owner] = stored
+            self._accepted += 1
+            self._push(accepted, float(self._accepted))
+            if job.start_timeout_s is not None:
+                self._deadlines[job.id] = deadline = now + job.start_timeout_s
+                heapq.heappush(self._deadline_heap, (deadline, self._scores[job.id], job.id))
+            decision.queue_position = len(self._order) - 1
             self._announce()
         return decision
+
+    # -- the queue --------------------------------------------------------------------------
+
+    def _push(self, job: Job, score: float) -> None:
+        """Queue a job at `score`: above every other (an accept) or below every other (a re-queue)."""
+        self._scores[job.id] = score
+        bisect.insort(self._order, score)
+        owner_queue = self._owner_queues.setdefault(job.owner, OrderedDict())
+        owner_queue[job.id] = None
+        if score < self._scores[next(iter(owner_queue))]:
+            owner_queue.move_to_end(job.id, last=False)
+
+    def _dequeue(self, job: Job) -> None:
+        """Out of the queue (claimed, cancelled or failed); also drops its start deadline."""
+        score = self._scores.pop(job.id)
+        del self._order[bisect.bisect_left(self._order, score)]
+        owner_queue = self._owner_queues[job.owner]
+        del owner_queue[job.id]
+        if not owner_queue:
+            del self._owner_queues[job.owner]
+        self._deadlines.pop(job.id, None)
 
     def _visible(self, job_id: str, owner: str, now: float) -> Job | None:
         job = self._jobs.get(job_id)
@@ -132,35 +186,42 @@ class MemoryStore:
         job = self._visible(job_id, owner, now)
         if job is None:
             return None
-        update: dict = {"input": {}, "result": None} if brief else {}
+        update: dict = {"result": None} if brief else {}
         if job.status == JobStatus.QUEUED:
-            update["queue_position"] = list(self._queue).index(job_id)
+            update["queue_position"] = bisect.bisect_left(self._order, self._scores[job_id])
         return job.model_copy(update=update)
 
     async def claim(self, runner: str, lease_s: float, now: float) -> Job | None:
         self._expire_unstarted(now)
-        for job_id in self._queue:
-            job = self._jobs[job_id]
-            _, slots = self._prune(job.owner, now)
+        # Each owner's first job, in queue order: the first whose owner is below its cap is the first
+        # claimable job of the whole queue.
+        for _, owner in sorted((self._scores[next(iter(q))], owner) for owner, q in self._owner_queues.items()):
+            job = self._jobs[next(iter(self._owner_queues[owner]))]
+            _, slots = self._prune(owner, now)
             if len(slots) >= job.max_concurrent:
                 continue
-            del self._queue[job_id]
-            slots[job_id] = now + lease_s
+            self._dequeue(job)
+            slots[job.id] = now + lease_s
             job.status, job.runner, job.lease_until = JobStatus.RUNNING, runner, now + lease_s
             job.attempts += 1
             if job.started_at is None:
                 job.started_at = now
-            return job.model_copy()
+            return job.model_copy(update={"input": self._inputs[job.id]})
         return None
 
     def _expire_unstarted(self, now: float) -> int:
         """Fail the queued jobs not started by their deadline. A re-queued job has started (its worker
         was lost): the deadline bounds the wait for a first start only."""
-        overdue = [job for job in map(self._jobs.get, self._queue)
-                   if job.start_timeout_s is not None and job.started_at is None
-                   and job.created_at + job.start_timeout_s <= now]
-        for job in overdue:
-            del self._queue[job.id]
+        overdue = []
+        while self._deadline_heap and self._deadline_heap[0][0] <= now:
+            _, _, job_id = heapq.heappop(self._deadline_heap)
+            if job_id in self._deadlines:
+                overdue.append(self._jobs[job_id])
+        if len(self._deadline_heap) > 2 * len(self._deadlines) + 64:  # mostly entries of jobs since started
+            self._deadline_heap = [entry for entry in self._deadline_heap if entry[2] in self._deadlines]
+            heapq.heapify(self._deadline_heap)
+        for job in sorted(overdue, key=lambda job: self._scores[job.id]):  # queue order: the outbox's
+            self._dequeue(job)
             self._terminate(job, JobStatus.FAILED, now, error=START_TIMEOUT)
         return len(overdue)
 
@@ -197,7 +258,7 @@ class MemoryStore:
         if job.status.terminal:
             return CancelOutcome.ALREADY_DONE
         if job.status == JobStatus.QUEUED:
-            del self._queue[job_id]
+            self._dequeue(job)
             self._terminate(job, JobStatus.CANCELLED, now, error=CANCELLED)
             return CancelOutcome.CANCELLED
         job.cancel_requested = True
@@ -215,8 +276,7 @@ class MemoryStore:
                 elif job.attempts < self._max_attempts:
                     job.status, job.runner, job.lease_until = JobStatus.QUEUED, None, None
                     job.logs.append(LogLine(timestamp=now, message=REQUEUED))
-                    self._queue[job.id] = None
-                    self._queue.move_to_end(job.id, last=False)
+                    self._push(job, self._order[0] - 1 if self._order else 0.0)  # at the front
                     self._announce()
                 else:
                     self._terminate(job, JobStatus.FAILED, now, error=WORKER_LOST)
@@ -228,6 +288,10 @@ class MemoryStore:
 
     def _terminate(self, job: Job, status: JobStatus, now: float, *, result=None, error=None) -> None:
         self._slots.get(job.owner, {}).pop(job.id, None)
+        self._inputs.pop(job.id, None)  # the record keeps the abridged input only
+        self._stored[job.owner] -= self._input_bytes.pop(job.id)
+        if not self._stored[job.owner]:
+            del self._stored[job.owner]
         job.status, job.result, job.error = status, result, error
         job.runner, job.lease_until = None, None
         job.finished_at, job.expires_at = now, now + self._ttl
@@ -246,4 +310,4 @@ class MemoryStore:
 
     async def counts(self, now: float) -> dict[str, int]:
         running = sum(1 for job in self._jobs.values() if job.status == JobStatus.RUNNING)
-        return {"queued": len(self._queue), "running": running}
+        return {"queued": len(self._scores), "running": running}

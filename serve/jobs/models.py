@@ -6,9 +6,20 @@ import math
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from serve.config import MAX_PENDING, MAX_STORED_BYTES
+
+_ANY = TypeAdapter(Any)  # JSON as the store keeps it, to count its bytes
 
 WINDOW_S = 60.0  # the rate limit's rolling window
+
+# What a read shows of a long string of a job's input: a data: URI is megabytes, its head says what it was.
+ABRIDGE_OVER = 256
+ABRIDGE_KEEP = 64
+# Retry-After of a "pending" or "stored" refusal: room comes when one of the key's jobs starts or ends, which
+# no one can predict; a second, like the concurrency cap's.
+QUEUE_FULL_RETRY_S = 1.0
 
 
 class JobStatus(str, Enum):
@@ -30,6 +41,25 @@ class Limits(BaseModel):
 
     rate_per_minute: int = Field(gt=0)
     max_concurrent: int = Field(gt=0)
+    max_pending: int = Field(MAX_PENDING, gt=0, description="Jobs queued, not yet started.")
+    max_stored_bytes: int = Field(MAX_STORED_BYTES, gt=0, description="Bytes of the inputs of unfinished jobs.")
+
+
+def abridge_long_strings(value: Any) -> Any:
+    """A JSON value with every string (keys too) longer than ABRIDGE_OVER characters cut to its first
+    ABRIDGE_KEEP characters + "…" + " (N characters)": what reads show of a job's input. Idempotent."""
+    if isinstance(value, str):
+        return value if len(value) <= ABRIDGE_OVER else f"{value[:ABRIDGE_KEEP]}… ({len(value)} characters)"
+    if isinstance(value, dict):
+        return {abridge_long_strings(k): abridge_long_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [abridge_long_strings(v) for v in value]
+    return value
+
+
+def input_bytes(job_input: dict[str, Any]) -> int:
+    """What a job's full input counts against `max_stored_bytes`: its size as JSON (UTF-8)."""
+    return len(_ANY.dump_json(job_input))
 
 
 class LogLine(BaseModel):
@@ -52,7 +82,7 @@ class Admission(BaseModel):
     """A limit decision; on refusal nothing was recorded (a refused request consumes no quota)."""
 
     allowed: bool
-    reason: str | None = Field(None, description="rate | concurrency, when refused")
+    reason: str | None = Field(None, description="rate | concurrency | pending | stored, when refused")
     limit: int = Field(description="The key's rate limit per window.")
     max_concurrent: int = Field(description="The key's concurrency cap.")
     remaining: int = Field(description="Requests left in the current window.")
@@ -74,7 +104,7 @@ class FailureKind(str, Enum):
     IMAGE_DOWNLOAD = "image_download"  # the image URL could not be fetched
     IMAGE_LOAD = "image_load"  # the bytes are not a usable image, or the reference is malformed
     INPUT = "input"  # the engine refused the request as sent (e.g. the prompt does not fit the context)
-    LIMITED = "limited"  # refused by a per-key limit (rate or concurrency); never stored
+    LIMITED = "limited"  # refused by a per-key limit (rate, concurrency, pending, stored); never stored
     TOO_LARGE = "too_large"  # the request body is over http.max_body_bytes; never stored
     START_TIMEOUT = "start_timeout"  # did not start before the caller's start deadline
     CANCELLED = "cancelled"  # cancelled by its owner
@@ -120,7 +150,9 @@ class Job(BaseModel):
     id: str
     owner: str = Field(description="The owning key's name.")
     api: str = Field(description="Which wire API accepted it (fal, eachlabs): picks the executor.")
-    input: dict[str, Any] = Field(description="The input as received.")
+    input: dict[str, Any] = Field(
+        description="The input as received, from `claim` (for the runner); abridged (`abridge_long_strings`) from "
+        "every read, and all the store keeps once the job has ended.")
     meta: dict[str, Any] = Field(default_factory=dict, description="API-specific extras (webhook, version...).")
     max_concurrent: int = Field(description="The owner's concurrency cap when the job was accepted.")
     start_timeout_s: float | None = Field(
@@ -169,8 +201,8 @@ class BodyTooLarge(Exception):
 
 
 class StoreUnavailable(RuntimeError):
-    """The shared job store cannot be reached. Backends raise it for their connection failures so
-    callers answer 503, not 500; an operation whose reply was lost may have been applied (once)."""
+    """The shared job store cannot be reached, or is full (Redis out of memory). Backends raise it for those
+    failures so callers answer 503, not 500; an operation whose reply was lost may have been applied (once)."""
 
 
 WORKER_LOST = JobError(kind=FailureKind.WORKER_LOST,

@@ -8,11 +8,20 @@ into the table `args` (a None argument is left out: nil in Lua).
 
 Keys, all under `<prefix>:`
   job:<id>        hash: the fields scripts read or change, each on its own (numbers as exact decimal
-                  strings), `body` (the rest of the Job as JSON, opaque to Lua), `head` (the body less
-                  the input, for brief reads; jobs from before it have none) and `seq` (accept order)
+                  strings), `body` (the rest of the Job as JSON, opaque to Lua, with the full input: what
+                  `claim` reads), `abridged` (the same with the input abridged: what reads return), `seq`
+                  (accept order). When the job ends, `body` becomes the abridged one and `abridged` goes.
+                  Jobs from the previous version have `head` (no input) and no `abridged`: reads take their
+                  `body` and abridge it in Python
   logs:<id>       list of LogLine JSON
-  queue           zset id -> order: FIFO by an increasing sequence; a re-queue goes below the minimum
-  queued:<owner>  set of the owner's queued ids (the queued count `cap_pending` checks)
+  queue           zset id -> order: the FIFO of every queued job by an increasing sequence (positions,
+                  counts); a re-queue goes below the minimum
+  queue:<owner>   zset id -> the same order: the owner's queued jobs
+  owners          zset owner -> the order of its first queued job: what `claim` walks (never the queue)
+  queued:<owner>  set of the owner's queued ids (the queued count `cap_pending` and `max_pending` check;
+                  the previous version keeps it too)
+  inputs:<owner>  zset id -> bytes of the full input of each of the owner's unfinished jobs
+  stored:<owner>  counter: their sum (what `max_stored_bytes` bounds)
   deadlines       zset id -> created_at + start_timeout_s of queued, never-started jobs that have one
   running         zset id -> lease_until (what `reap` looks for)
   expiring        zset id -> expires_at of finished jobs (what `reap` forgets)
@@ -25,7 +34,15 @@ Keys, all under `<prefix>:`
                   have become claimable: what idle runners wait on (`wait_for_work`)
 
 The logic expires things by `now`; Redis TTLs are only a safety net for leftovers, set well past the
-logical expiry. Scripts build key names from the prefix, so this needs one Redis (not Redis Cluster).
+logical expiry. Scripts build key names from the prefix, so this needs one Redis (not Redis Cluster), 7.0
+or later: each script declares with a shebang whether Redis may refuse it when full (maxmemory reached,
+answered OOM: StoreUnavailable). Only `enqueue`, which stores what clients send, may be refused; every other
+script runs anyway, so jobs still start and end, and ending frees their inputs.
+
+During an upgrade, replicas of the previous version share this Redis: they queue jobs in `queue` alone,
+and end or claim jobs without touching `queue:<owner>`, `owners` or `inputs:<owner>`. So a claim skips an
+owner's first job that is no longer queued, `reap` rebuilds the owners' queues when their sizes and the
+queue's disagree, and an enqueue about to refuse for "stored" first drops the jobs that have ended.
 """
 
 from __future__ import annotations
@@ -35,16 +52,18 @@ import contextlib
 import json
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from serve.jobs.models import (
     CANCELLED,
+    QUEUE_FULL_RETRY_S,
     REQUEUED,
     START_TIMEOUT,
     WINDOW_S,
@@ -58,14 +77,25 @@ from serve.jobs.models import (
     Limits,
     LogLine,
     StoreUnavailable,
+    abridge_long_strings,
     final_status,
+    input_bytes,
 )
 
+# Error replies of a server that cannot take writes for now (READONLY is redis-py's ReadOnlyError).
+_UNAVAILABLE_REPLIES = ("MISCONF", "MASTERDOWN", "BUSY", "TRYAGAIN")
 SAFETY_MARGIN_S = 3600.0  # how long past its logical expiry a leftover key may stay in Redis
+# Connections one replica opens to Redis; a call beyond them waits for one (redis-py's default pool would
+# refuse it at once: a burst of 101 calls in one replica would be 503s), up to POOL_WAIT_S, then is unavailable.
+POOL_CONNECTIONS = 100
+POOL_WAIT_S = 5.0
 
 # The hash fields scripts read or change, one each; the rest of a Job travels as `body`.
 _FIELDS = {"owner", "max_concurrent", "status", "created_at", "started_at", "finished_at", "expires_at",
            "attempts", "runner", "lease_until", "cancel_requested", "notify", "result", "error"}
+# What a read fetches besides the body (a brief one leaves 'result' out): never `HGETALL`, which would
+# copy the full input of an unfinished job.
+_READ_FIELDS = sorted(_FIELDS - {"result"})
 
 
 def _lua_string(text: str) -> str:
@@ -77,7 +107,8 @@ def _lua_string(text: str) -> str:
 
 # Prepended to every script.
 _PRELUDE = f"""
-local WINDOW_S, SAFETY_MARGIN_S = {WINDOW_S!r}, {SAFETY_MARGIN_S!r}
+local WINDOW_S, SAFETY_MARGIN_S, QUEUE_FULL_RETRY_S = {WINDOW_S!r}, {SAFETY_MARGIN_S!r}, {QUEUE_FULL_RETRY_S!r}
+local READ_FIELDS = {{{", ".join(repr(name) for name in _READ_FIELDS)}}}
 local CANCELLED = {_lua_string(CANCELLED.model_dump_json())}
 local WORKER_LOST = {_lua_string(WORKER_LOST.model_dump_json())}
 local START_TIMEOUT = {_lua_string(START_TIMEOUT.model_dump_json())}
@@ -123,8 +154,9 @@ end
 
 -- MemoryStore._decision: admit (recording `now` in the window) or refuse (recording nothing).
 -- in_flight_extra: work counted against the cap beyond the slots; nil = no concurrency check.
+-- queued (an enqueue): {pending, max_pending, stored (with the new job's bytes), max_stored}.
 -- Returns the decision and, when admitted, a fresh sequence number.
-local function decide(owner, rate, cap, now, in_flight_extra)
+local function decide(owner, rate, cap, now, in_flight_extra, queued)
   local window = key('window', owner)
   redis.call('ZREMRANGEBYSCORE', window, '-inf', now - WINDOW_S)
   local slots = prune_slots(owner, now)
@@ -138,6 +170,14 @@ local function decide(owner, rate, cap, now, in_flight_extra)
   end
   if in_flight_extra and redis.call('ZCARD', slots) + in_flight_extra >= cap then
     d.reason, d.retry_after_s = 'concurrency', 1
+    return d
+  end
+  if queued and queued.pending >= queued.max_pending then
+    d.reason, d.retry_after_s = 'pending', QUEUE_FULL_RETRY_S
+    return d
+  end
+  if queued and queued.stored > queued.max_stored then
+    d.reason, d.retry_after_s = 'stored', QUEUE_FULL_RETRY_S
     return d
   end
   -- Members must be unique (two admissions may share a `now`): the sequence number is.
@@ -164,25 +204,25 @@ local function visible(id, owner, now)
   return true
 end
 
--- A job as the client rebuilds it: its hash, its log lines, its queue position (false unless queued).
--- brief: without 'result', and with 'head' (the body less the input) for 'body' where the job has one.
-local function job_reply(id, brief)
-  local position = false
-  if redis.call('HGET', key('job', id), 'status') == 'queued' then
-    position = redis.call('ZRANK', key('queue'), id)
-  end
-  local flat = redis.call('HGETALL', key('job', id))
-  if brief then
-    local drop, kept = {result = true, body = redis.call('HEXISTS', key('job', id), 'head') == 1}, {}
-    for i = 1, #flat, 2 do
-      if not drop[flat[i]] then
-        kept[#kept + 1] = flat[i]
-        kept[#kept + 1] = flat[i + 1]
-      end
+-- A job as the client rebuilds it: the fields it answers with, its body, its log lines, its queue position
+-- (false unless queued). view: 'full' (claim: the body with the full input), 'read' (the abridged body;
+-- a job from the previous version has none, and its body is abridged by the client) or 'brief' (the
+-- same without 'result'). Never the full input but for a claim: a read costs what it answers.
+local function job_reply(id, view)
+  local job = key('job', id)
+  local names = {unpack(READ_FIELDS)}
+  if view ~= 'brief' then names[#names + 1] = 'result' end
+  local values, flat = redis.call('HMGET', job, unpack(names)), {}
+  for i, name in ipairs(names) do
+    if values[i] then
+      flat[#flat + 1] = name
+      flat[#flat + 1] = values[i]
     end
-    flat = kept
   end
-  return {flat, redis.call('LRANGE', key('logs', id), 0, -1), position}
+  local body = view ~= 'full' and redis.call('HGET', job, 'abridged') or redis.call('HGET', job, 'body')
+  local position = false
+  if redis.call('HGET', job, 'status') == 'queued' then position = redis.call('ZRANK', key('queue'), id) end
+  return {flat, body, redis.call('LRANGE', key('logs', id), 0, -1), position}
 end
 
 local function running_by(id, runner)
@@ -190,17 +230,73 @@ local function running_by(id, runner)
   return status == 'running' and holder == runner
 end
 
--- Also drops the start deadline: it bounds the wait for a first start only (a re-queue has none).
+-- The owner's place in `owners`: the order of its first queued job, or none.
+local function place_owner(owner)
+  local first = redis.call('ZRANGE', key('queue', owner), 0, 0, 'WITHSCORES')
+  if first[1] then
+    redis.call('ZADD', key('owners'), first[2], owner)
+  else
+    redis.call('ZREM', key('owners'), owner)
+  end
+end
+
+-- MemoryStore._push: queue a job at `order`, above every other (an accept) or below (a re-queue).
+local function push(id, owner, order)
+  redis.call('ZADD', key('queue'), order, id)
+  redis.call('SADD', key('queued', owner), id)
+  redis.call('ZADD', key('queue', owner), order, id)
+  place_owner(owner)
+end
+
+-- MemoryStore._dequeue. Also drops the start deadline: it bounds the wait for a first start only (a
+-- re-queue has none).
 local function dequeue(id, owner)
   redis.call('ZREM', key('queue'), id)
   redis.call('SREM', key('queued', owner), id)
   redis.call('ZREM', key('deadlines'), id)
+  redis.call('ZREM', key('queue', owner), id)
+  place_owner(owner)
+end
+
+-- The bytes of the owner's unfinished jobs' inputs.
+local function stored_bytes(owner)
+  return tonumber(redis.call('GET', key('stored', owner)) or 0)
+end
+
+local function hold_input(owner, id, bytes)
+  redis.call('ZADD', key('inputs', owner), bytes, id)
+  redis.call('INCRBY', key('stored', owner), bytes)
+end
+
+-- Once per job, whoever calls it first (its end, or forget_ended_inputs).
+local function free_input(owner, id)
+  local bytes = redis.call('ZSCORE', key('inputs', owner), id)
+  if not bytes then return end
+  redis.call('ZREM', key('inputs', owner), id)
+  if redis.call('DECRBY', key('stored', owner), bytes) <= 0 then redis.call('DEL', key('stored', owner)) end
+end
+
+-- Frees the inputs of the owner's jobs that ended without terminate (a replica of the previous version
+-- ended them): O(the owner's unfinished jobs), only when an enqueue is about to be refused for them.
+local function forget_ended_inputs(owner)
+  for _, id in ipairs(redis.call('ZRANGE', key('inputs', owner), 0, -1)) do
+    local status = redis.call('HGET', key('job', id), 'status')
+    if status ~= 'queued' and status ~= 'running' then free_input(owner, id) end
+  end
 end
 
 -- MemoryStore._terminate. result / err: JSON, or nil for none.
 local function terminate(id, status, now, ttl, result, err)
   local job = key('job', id)
-  redis.call('ZREM', key('slots', redis.call('HGET', job, 'owner')), id)
+  local owner = redis.call('HGET', job, 'owner')
+  redis.call('ZREM', key('slots', owner), id)
+  free_input(owner, id)
+  -- The full input goes: the record keeps the abridged one.
+  local abridged = redis.call('HGET', job, 'abridged')
+  if abridged then
+    redis.call('HSET', job, 'body', abridged)
+    redis.call('HDEL', job, 'abridged')
+  end
   redis.call('ZREM', key('running'), id)
   redis.call('HDEL', job, 'runner', 'lease_until', 'result', 'error')
   redis.call('HSET', job, 'status', status, 'finished_at', now, 'expires_at', now + ttl)
@@ -233,24 +329,28 @@ end
 
 def _job_hash(job: Job) -> dict[str, str]:
     """A job's hash: strings stay raw, other values are JSON, None is no field."""
-    # 'head' is the body less the input (a data: URI can be megabytes): what a brief read decodes.
-    # 'body' keeps the input too, so code from before 'head' reads these jobs unchanged.
-    record = {"body": job.model_dump_json(exclude=_FIELDS | {"logs", "queue_position"}),
-              "head": job.model_dump_json(exclude=_FIELDS | {"logs", "queue_position", "input"})}
+    # 'body' has the full input (what a claim hands the runner), 'abridged' the one reads return: a data: URI
+    # can be megabytes. The previous version reads 'body' whole, as before.
+    rest = _FIELDS | {"logs", "queue_position"}
+    record = {"body": job.model_dump_json(exclude=rest),
+              "abridged": job.model_copy(update={"input": abridge_long_strings(job.input)}).model_dump_json(
+                  exclude=rest)}
     for name, value in job.model_dump(mode="json", include=_FIELDS).items():
         if value is not None:
             record[name] = value if isinstance(value, str) else json.dumps(value)
     return record
 
 
-def _job(reply: list[Any] | None) -> Job | None:
+def _job(reply: list[Any] | None, full: bool = False) -> Job | None:
+    """The job a `job_reply` describes; full: its body has the full input (a claim), else it is abridged
+    here too (a job the previous version stored has no abridged body; abridging is idempotent)."""
     if reply is None:
         return None
-    flat, logs, position = reply
+    flat, body, logs, position = reply
     record = dict(zip(flat[::2], flat[1::2]))
-    del record["seq"]
-    head, body = record.pop("head", None), record.pop("body", None)
-    data = json.loads(body) if body is not None else {**json.loads(head), "input": {}}  # no body: a brief read
+    data = json.loads(body)
+    if not full:
+        data["input"] = abridge_long_strings(data["input"])
     for name in ("result", "error"):
         if name in record:
             record[name] = json.loads(record[name])
@@ -282,19 +382,30 @@ class RedisBackend:
         if self._client is None:
             # No retries: a script whose reply was lost may have run, and running it again would
             # apply it twice (two slots, two claims). The caller gets StoreUnavailable instead.
-            self._client = Redis.from_url(self._url, decode_responses=True, retry=Retry(NoBackoff(), 0))
+            self._client = Redis.from_pool(BlockingConnectionPool.from_url(
+                self._url, decode_responses=True, retry=Retry(NoBackoff(), 0), max_connections=POOL_CONNECTIONS,
+                timeout=POOL_WAIT_S))
         return self._client
 
-    async def _run(self, script: str, **arguments: Any) -> Any:
+    async def _run(self, script: str, *, grows: bool = False, **arguments: Any) -> Any:
+        """Run one operation's script. grows: it stores what a client sent, and Redis refuses it when full
+        (maxmemory reached); every other script runs anyway (`allow-oom`), so jobs still start and end."""
         if script not in self._scripts:
             # EVALSHA; the script is loaded on the first NOSCRIPT (a new or restarted server).
-            self._scripts[script] = self._redis().register_script(_PRELUDE + script)
+            shebang = "#!lua\n" if grows else "#!lua flags=allow-oom\n"
+            self._scripts[script] = self._redis().register_script(shebang + _PRELUDE + script)
         table = json.dumps({name: v for name, v in arguments.items() if v is not None},
                            ensure_ascii=False, allow_nan=False)
         try:
             return await self._scripts[script](args=[self._prefix, table])
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OutOfMemoryError) as exc:  # OOM: maxmemory reached
             raise StoreUnavailable(f"Redis job store unavailable: {type(exc).__name__}: {exc}") from exc
+        except ResponseError as exc:
+            # A server that cannot take writes for now (a full disk, a replica after a failover, a long
+            # script): the store is unavailable, not the request wrong.
+            if isinstance(exc, ReadOnlyError) or str(exc).startswith(_UNAVAILABLE_REPLIES):
+                raise StoreUnavailable(f"Redis job store unavailable: {exc}") from exc
+            raise
 
     async def aclose(self) -> None:
         if self._pubsub is not None:
@@ -345,9 +456,14 @@ announce()
 
     _ENQUEUE = """
 local owner, now, id = args.owner, args.now, args.id
-local queued = nil
-if args.cap_pending then queued = redis.call('SCARD', key('queued', owner)) end
-local d, seq = decide(owner, args.rate, args.cap, now, queued)
+local pending = redis.call('SCARD', key('queued', owner))
+local stored = stored_bytes(owner) + args.bytes
+if stored > args.max_stored and pending < args.max_pending then
+  forget_ended_inputs(owner)  -- about to refuse: not for jobs that ended unseen
+  stored = stored_bytes(owner) + args.bytes
+end
+local queued = {pending = pending, max_pending = args.max_pending, stored = stored, max_stored = args.max_stored}
+local d, seq = decide(owner, args.rate, args.cap, now, args.cap_pending and pending or nil, queued)
 if d.allowed then
   local record = {'seq', seq}
   for name, value in pairs(args.job) do
@@ -356,9 +472,8 @@ if d.allowed then
   end
   redis.call('HSET', key('job', id), unpack(record))
   if #args.logs > 0 then redis.call('RPUSH', key('logs', id), unpack(args.logs)) end
-  -- seq only grows, so the job goes behind everything queued.
-  redis.call('ZADD', key('queue'), seq, id)
-  redis.call('SADD', key('queued', owner), id)
+  hold_input(owner, id, args.bytes)
+  push(id, owner, seq)  -- seq only grows, so the job goes behind everything queued
   if args.start_timeout_s then redis.call('ZADD', key('deadlines'), now + args.start_timeout_s, id) end
   d.queue_position = redis.call('ZCARD', key('queue')) - 1
   announce()
@@ -369,46 +484,53 @@ return fields(d)
     async def enqueue(self, job: Job, limits: Limits, cap_pending: bool, now: float) -> Admission:
         accepted = job.model_copy(update={"status": JobStatus.QUEUED, "created_at": now})
         return _admission(await self._run(
-            self._ENQUEUE, owner=job.owner, rate=limits.rate_per_minute, cap=limits.max_concurrent,
+            self._ENQUEUE, grows=True, owner=job.owner, rate=limits.rate_per_minute, cap=limits.max_concurrent,
+            max_pending=limits.max_pending, max_stored=limits.max_stored_bytes, bytes=input_bytes(job.input),
             cap_pending=cap_pending, now=now, id=job.id, start_timeout_s=job.start_timeout_s,
             logs=[line.model_dump_json() for line in accepted.logs], job=_job_hash(accepted)))
 
     _GET = """
 if not visible(args.id, args.owner, args.now) then return false end
-return job_reply(args.id, args.brief)
+return job_reply(args.id, args.brief and 'brief' or 'read')
 """
 
     async def get(self, job_id: str, owner: str, now: float, brief: bool) -> Job | None:
         return _job(await self._run(self._GET, id=job_id, owner=owner, now=now, brief=brief))
 
+    # Walks owners in the order of their first queued job (pages by order: `owners` may change meanwhile).
     _CLAIM = """
 local now = args.now
 expire_unstarted(now, args.ttl)
-local queue, in_flight = key('queue'), {}  -- in_flight: owner -> live slots, pruned once per owner
-local start = 0
+local after = '-inf'
 repeat
-  local ids = redis.call('ZRANGE', queue, start, start + 99)  -- in pages: the queue may be long
-  for _, id in ipairs(ids) do
-    local job = key('job', id)
-    local owner, cap = unpack(redis.call('HMGET', job, 'owner', 'max_concurrent'))
-    in_flight[owner] = in_flight[owner] or redis.call('ZCARD', prune_slots(owner, now))
-    if in_flight[owner] < tonumber(cap) then
+  local page = redis.call('ZRANGEBYSCORE', key('owners'), after, '+inf', 'WITHSCORES', 'LIMIT', 0, 100)
+  for i = 1, #page, 2 do
+    local owner = page[i]
+    after = '(' .. page[i + 1]
+    local id = redis.call('ZRANGE', key('queue', owner), 0, 0)[1]
+    local job = key('job', id or '')
+    if not id then
+      place_owner(owner)
+    elseif not redis.call('ZSCORE', key('queue'), id) then
+      -- Dequeued by a replica of the previous version: not this owner's first job any more.
+      redis.call('ZREM', key('queue', owner), id)
+      place_owner(owner)
+    elseif redis.call('ZCARD', prune_slots(owner, now)) < tonumber(redis.call('HGET', job, 'max_concurrent')) then
       dequeue(id, owner)
       take_slot(owner, id, now + args.lease_s, now)
       redis.call('ZADD', key('running'), now + args.lease_s, id)
       redis.call('HSET', job, 'status', 'running', 'runner', args.runner, 'lease_until', now + args.lease_s)
       redis.call('HINCRBY', job, 'attempts', 1)
       redis.call('HSETNX', job, 'started_at', now)
-      return job_reply(id)
+      return job_reply(id, 'full')
     end
   end
-  start = start + #ids
-until #ids == 0
+until #page == 0
 return false
 """
 
     async def claim(self, runner: str, lease_s: float, now: float) -> Job | None:
-        return _job(await self._run(self._CLAIM, runner=runner, lease_s=lease_s, now=now, ttl=self._ttl))
+        return _job(await self._run(self._CLAIM, runner=runner, lease_s=lease_s, now=now, ttl=self._ttl), full=True)
 
     _HEARTBEAT = """
 local id, now = args.id, args.now
@@ -492,8 +614,7 @@ for _, id in ipairs(lost) do
     redis.call('HDEL', job, 'runner', 'lease_until')
     redis.call('RPUSH', key('logs', id), args.requeued)
     local first = redis.call('ZRANGE', key('queue'), 0, 0, 'WITHSCORES')[2]
-    redis.call('ZADD', key('queue'), first and tonumber(first) - 1 or 0, id)
-    redis.call('SADD', key('queued', owner), id)
+    push(id, owner, first and tonumber(first) - 1 or 0)  -- at the front
     announce()
   else
     terminate(id, 'failed', now, ttl, nil, WORKER_LOST)
@@ -501,6 +622,22 @@ for _, id in ipairs(lost) do
 end
 local expired = redis.call('ZRANGEBYSCORE', key('expiring'), '-inf', now)
 for _, id in ipairs(expired) do forget(id) end
+-- The owners' queues hold every queued job, unless a replica of the previous version queued or dequeued
+-- some: then they are rebuilt from the queue (O(owners) to check, O(queue) only to rebuild).
+local owners, in_owner_queues = redis.call('ZRANGE', key('owners'), 0, -1), 0
+for _, owner in ipairs(owners) do in_owner_queues = in_owner_queues + redis.call('ZCARD', key('queue', owner)) end
+if in_owner_queues ~= redis.call('ZCARD', key('queue')) then
+  for _, owner in ipairs(owners) do redis.call('DEL', key('queue', owner)) end
+  redis.call('DEL', key('owners'))
+  local queued = redis.call('ZRANGE', key('queue'), 0, -1, 'WITHSCORES')
+  for i = 1, #queued, 2 do
+    local owner = redis.call('HGET', key('job', queued[i]), 'owner')
+    if owner then
+      redis.call('ZADD', key('queue', owner), queued[i + 1], queued[i])
+      redis.call('ZADD', key('owners'), 'NX', queued[i + 1], owner)  -- in order: the first is its first job
+    end
+  end
+end
 return #lost + #expired + expire_unstarted(now, ttl)
 """
 
@@ -516,7 +653,7 @@ local taken = {}
 for _ = 1, args.limit do
   local id = redis.call('LPOP', key('finished'))
   if not id then break end
-  if redis.call('EXISTS', key('job', id)) == 1 then taken[#taken + 1] = job_reply(id) end
+  if redis.call('EXISTS', key('job', id)) == 1 then taken[#taken + 1] = job_reply(id, 'read') end
 end
 return taken
 """

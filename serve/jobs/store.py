@@ -11,6 +11,9 @@ backend from the config.
 Concurrency is counted in *slots*: a sync request in flight holds one, a running job holds one
 (keyed by the job id). Slots are leases: a replica that dies frees its slots when they expire.
 
+A job's full input is kept only while it is unfinished, for the runner that claims it; reads return it
+abridged, and when the job ends only the abridged one is kept (docs/bounds.md, "The job store").
+
 Jobs with `notify` are announced when they end, however they end (a runner's outcome, a cancel while
 queued, reap, a start deadline): the store appends them to an outbox that runners drain
 (`take_finished`), so the API's executor sends its webhook even when no runner ran the job's end.
@@ -39,14 +42,19 @@ class StoreBackend(Protocol):
 
     async def enqueue(self, job: Job, limits: Limits, cap_pending: bool, now: float) -> Admission:
         """Accept a job (counts against the rate). With `cap_pending`, queued jobs count against the
-        concurrency cap too (Eachlabs refuses an 11th unfinished prediction; fal's queue just waits)."""
+        concurrency cap too (Eachlabs refuses an 11th unfinished prediction; fal's queue just waits). Refused
+        ("pending") when the owner has `limits.max_pending` jobs queued, and ("stored") when this job's input
+        would take the owner's unfinished jobs' inputs past `limits.max_stored_bytes` (docs/bounds.md)."""
 
     async def get(self, job_id: str, owner: str, now: float, brief: bool) -> Job | None:
-        """The job; None for an unknown, expired or another key's job. brief: `input` {} and `result` None."""
+        """The job with its input abridged (`abridge_long_strings`), whatever was submitted; None for an
+        unknown, expired or another key's job. brief: `result` None too."""
 
     async def claim(self, runner: str, lease_s: float, now: float) -> Job | None:
-        """The first queued job whose owner is below its concurrency cap, now running on `runner`.
-        Queued jobs past their start deadline are failed first, never claimed."""
+        """The first queued job whose owner is below its concurrency cap, now running on `runner`, with its
+        full input (the only read that has it). Each owner's jobs start in their queue order, so a claim looks
+        at each owner's first job only: its cost grows with the owners that have queued work, never with the
+        queue. Queued jobs past their start deadline are failed first, never claimed."""
 
     async def heartbeat(self, job_id: str, runner: str, lease_s: float, now: float) -> bool:
         """Extend the lease; False when the runner must stop (lease lost, or cancellation requested)."""
@@ -103,8 +111,8 @@ class JobStore:
         return await self._backend.enqueue(job, limits, cap_pending, self._clock())
 
     async def get(self, job_id: str, owner: str, *, brief: bool = False) -> Job | None:
-        """The job, or None for an unknown id or another key's job. brief: without the two fields that
-        grow with the request and the answer (`input` comes back {}, `result` None), for status polls."""
+        """The job with its input abridged, or None for an unknown id or another key's job. brief: without
+        the result too (it grows with the answer), for status polls."""
         return await self._backend.get(job_id, owner, self._clock(), brief)
 
     async def claim(self, runner: str, lease_s: float) -> Job | None:

@@ -2,7 +2,8 @@
 calls on one redis-server, and every operation must still be one atomic step.
 
 The clock is injected and fixed while a burst runs, so every attempt competes for the same window.
-Last, random operation sequences run in lockstep on MemoryStore and Redis must get equal answers.
+Then random operation sequences run in lockstep on MemoryStore and Redis must get equal answers; what
+Redis holds of a job's input; a full Redis (maxmemory); and jobs a replica of the previous version touched.
 Every test runs on the session's one event loop, as the service runs on one loop per replica.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import uuid
 from collections import Counter
 
@@ -17,10 +19,14 @@ import pytest
 import pytest_asyncio
 
 from serve.jobs.memory import MemoryStore
-from serve.jobs.models import Job, JobError, JobResult, JobStatus, Limits, Problem, StoreUnavailable
+from serve.jobs.models import Job, JobError, JobResult, JobStatus, Limits, Problem, StoreUnavailable, input_bytes
 from serve.jobs.redis_store import RedisBackend
 from serve.jobs.store import STORE_OPERATIONS, JobStore
-from tests.conftest import free_port
+from tests.conftest import ROOT, Clock, free_port
+from tests.store_conformance import RESULT, job, with_image
+
+sys.path.insert(0, str(ROOT / "loadtest"))
+import stack as loadtest_stack  # noqa: E402
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -109,7 +115,8 @@ OPS = ["admit", "renew", "release", "enqueue", "enqueue", "get", "claim", "claim
 def random_call(rng: random.Random, now: float, slots: list[tuple[str, str]], jobs: list[str]) -> tuple[str, tuple]:
     """One operation with arguments drawn from a few owners, runners, limits and leases."""
     op, owner, runner = rng.choice(OPS), rng.choice("abc"), rng.choice(["r1", "r2", "r3"])
-    limits = Limits(rate_per_minute=rng.randint(1, 6), max_concurrent=rng.randint(1, 3))
+    limits = Limits(rate_per_minute=rng.randint(1, 6), max_concurrent=rng.randint(1, 3),
+                    max_pending=rng.randint(1, 4), max_stored_bytes=rng.choice([60, 2500, 10**6]))
     lease = rng.choice([0.7, 5.0, 30.0])
     job_id = rng.choice(jobs) if jobs and rng.random() < 0.9 else "no-such-id"
     if op == "admit":
@@ -119,7 +126,9 @@ def random_call(rng: random.Random, now: float, slots: list[tuple[str, str]], jo
         owner, slot = rng.choice(slots)
         return op, (owner, slot, lease, now) if op == "renew" else (owner, slot, now)
     if op == "enqueue":
-        job = Job(id=str(uuid.UUID(int=rng.getrandbits(128))), owner=owner, api="fal", input={"x": rng.random()},
+        text = "y" * rng.choice([0, 10, 300, 2000])  # over 256 characters: abridged in reads
+        job = Job(id=str(uuid.UUID(int=rng.getrandbits(128))), owner=owner, api="fal",
+                  input={"x": rng.random(), "text": text},
                   max_concurrent=rng.randint(1, 3), created_at=0.0, notify=rng.random() < 0.5,
                   start_timeout_s=rng.choice([None, None, 2.5, 40.0]))
         jobs.append(job.id)
@@ -162,23 +171,132 @@ async def test_redis_answers_exactly_as_memory_store(redis_url, seed):
         await backend.aclose()
 
 
-async def test_a_job_stored_by_earlier_code_still_reads_brief(redis_url):
-    """Jobs enqueued before the 'head' field (a rolling upgrade shares Redis) read whole, never fail."""
+@pytest_asyncio.fixture
+async def raw(redis_url):
+    """(a JobStore, a plain client on its Redis, its key prefix): to look at or change what Redis holds."""
     import redis.asyncio as aioredis
 
     prefix = f"test-{uuid.uuid4().hex}"
-    backend = RedisBackend(redis_url, 3600.0, max_attempts=2, prefix=prefix)
-    store = JobStore(backend)
-    old = Job(id="j1", owner="alice", api="fal", input={"prompt": "hi"}, max_concurrent=1, created_at=0.0)
+    backend, client = RedisBackend(redis_url, 3600.0, max_attempts=2, prefix=prefix), aioredis.from_url(redis_url)
+    yield JobStore(backend, Clock()), client, prefix
+    await client.aclose()
+    await backend.aclose()
+
+
+async def test_an_ended_job_keeps_only_its_abridged_input_in_redis(raw):
+    store, client, prefix = raw
+    big = with_image(job())
+    await store.enqueue(big, Limits(rate_per_minute=5, max_concurrent=1), cap_pending=False)
+    assert await client.hstrlen(f"{prefix}:job:{big.id}", "body") > 200_000  # kept for the runner, until the end
+    assert await client.zscore(f"{prefix}:inputs:alice", big.id) == input_bytes(big.input)
+    assert int(await client.get(f"{prefix}:stored:alice")) == input_bytes(big.input)
+    await store.claim("r1", LEASE)
+    await store.finish(big.id, "r1", result=RESULT)
+    assert await client.hstrlen(f"{prefix}:job:{big.id}", "body") < 1000
+    assert not await client.hexists(f"{prefix}:job:{big.id}", "abridged")
+    assert not await client.exists(f"{prefix}:inputs:alice", f"{prefix}:stored:alice", f"{prefix}:queue:alice",
+                                   f"{prefix}:owners")
+
+
+async def test_a_full_redis_refuses_submits_as_unavailable_and_ending_jobs_makes_room(tmp_path):
+    """maxmemory reached (noeviction): an enqueue is StoreUnavailable (503 in every API) and records nothing;
+    reads, claims and the ends of jobs still run, and ending jobs frees their inputs for new ones."""
+    import redis.asyncio as aioredis
+
+    with loadtest_stack.redis_server(tmp_path) as url:
+        client = aioredis.from_url(url)
+        used = int((await client.info("memory"))["used_memory"])
+        await client.config_set("maxmemory", used + 2 * 2**20)
+        await client.config_set("maxmemory-policy", "noeviction")
+        backend = RedisBackend(url, 3600.0, max_attempts=2)
+        store = JobStore(backend, Clock())
+        limits = Limits(rate_per_minute=10**6, max_concurrent=1, max_pending=10**6, max_stored_bytes=10**12)
+        try:
+            accepted = []
+            with pytest.raises(StoreUnavailable, match="OutOfMemoryError"):
+                for _ in range(100):  # 100 inputs of 200 kB: 20 MB, ten times the room
+                    j = with_image(job(cap=1))
+                    admitted = await store.enqueue(j, limits, cap_pending=False)
+                    assert admitted.allowed
+                    accepted.append(j)
+            assert 0 < len(accepted) < 20
+            assert await store.counts() == {"queued": len(accepted), "running": 0}  # the refused one left nothing
+            assert (await store.get(accepted[0].id, "alice", brief=True)).status == JobStatus.QUEUED
+            assert (await store.claim("r1", LEASE)).input == accepted[0].input
+            assert await store.finish(accepted[0].id, "r1", result=RESULT)
+            for j in accepted[1:]:
+                assert await store.cancel(j.id, "alice") == "cancelled"
+            assert (await store.enqueue(with_image(job(cap=1)), limits, cap_pending=False)).allowed
+        finally:
+            await client.aclose()
+            await backend.aclose()
+
+
+async def test_a_redis_that_cannot_take_writes_is_unavailable_not_an_error(tmp_path):
+    """A replica after a failover answers READONLY: every operation is StoreUnavailable (503), never a 500."""
+    import redis.asyncio as aioredis
+
+    with loadtest_stack.redis_server(tmp_path) as url:
+        client = aioredis.from_url(url)
+        backend = RedisBackend(url, 3600.0, max_attempts=2)
+        store = JobStore(backend, Clock())
+        try:
+            await client.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # a primary that is not there
+            with pytest.raises(StoreUnavailable, match="read only replica"):
+                await store.enqueue(job(), Limits(rate_per_minute=5, max_concurrent=1), cap_pending=False)
+            with pytest.raises(StoreUnavailable, match="read only replica"):
+                await store.admit("alice", Limits(rate_per_minute=5, max_concurrent=1), LEASE)
+        finally:
+            await client.execute_command("REPLICAOF", "NO", "ONE")
+            await client.aclose()
+            await backend.aclose()
+
+
+async def test_jobs_queued_by_the_previous_version_are_read_abridged_and_claimed_after_a_reap(raw):
+    """The previous version (a rolling upgrade shares Redis) queues a job in `queue` alone, with `head` (no
+    input) and no `abridged`: reads abridge its body, and reap adopts it into its owner's queue."""
+    store, client, prefix = raw
+    old = with_image(job())
     await store.enqueue(old, Limits(rate_per_minute=5, max_concurrent=1), cap_pending=False)
-    client = aioredis.from_url(redis_url)
-    try:
-        assert await client.hdel(f"{prefix}:job:j1", "head") == 1
-        brief = await store.get("j1", "alice", brief=True)
-        assert brief.input == {"prompt": "hi"} and brief.status == JobStatus.QUEUED and brief.queue_position == 0
-    finally:
-        await client.aclose()
-        await backend.aclose()
+    key = f"{prefix}:job:{old.id}"
+    await client.hdel(key, "abridged")
+    await client.hset(key, "head", "{}")
+    await client.delete(f"{prefix}:queue:alice", f"{prefix}:owners", f"{prefix}:inputs:alice",
+                        f"{prefix}:stored:alice")
+    read = await store.get(old.id, "alice")
+    assert read.input["image_url"].endswith("(200022 characters)") and read.queue_position == 0
+    assert (await store.get(old.id, "alice", brief=True)).input == read.input
+    assert await store.claim("r1", LEASE) is None  # not in alice's queue yet
+    await store.reap()
+    claimed = await store.claim("r1", LEASE)
+    assert claimed.id == old.id and claimed.input == old.input
+
+
+async def test_a_job_the_previous_version_claimed_is_not_claimed_again(raw):
+    store, client, prefix = raw
+    first, second = job(cap=2), job(cap=2)
+    for j in (first, second):
+        await store.enqueue(j, Limits(rate_per_minute=5, max_concurrent=2), cap_pending=False)
+    # The previous version's claim: out of `queue` and `queued:<owner>` only.
+    await client.zrem(f"{prefix}:queue", first.id)
+    await client.srem(f"{prefix}:queued:alice", first.id)
+    await client.hset(f"{prefix}:job:{first.id}", mapping={"status": "running", "runner": "old"})
+    assert (await store.claim("r1", LEASE)).id == second.id
+    assert await store.claim("r1", LEASE) is None
+    assert await client.zcard(f"{prefix}:queue:alice") == 0 and not await client.exists(f"{prefix}:owners")
+
+
+async def test_inputs_of_jobs_the_previous_version_ended_do_not_count(raw):
+    store, client, prefix = raw
+    big = with_image(job(cap=1))
+    limits = Limits(rate_per_minute=5, max_concurrent=1, max_stored_bytes=input_bytes(big.input))
+    await store.enqueue(big, limits, cap_pending=False)
+    await store.claim("r1", LEASE)
+    # The previous version's finish: the status and the slot, never `inputs:<owner>` or `stored:<owner>`.
+    await client.hset(f"{prefix}:job:{big.id}", "status", "succeeded")
+    await client.zrem(f"{prefix}:slots:alice", big.id)
+    await client.zrem(f"{prefix}:running", big.id)
+    assert (await store.enqueue(with_image(job(cap=1)), limits, cap_pending=False)).allowed
 
 
 async def test_the_production_config_builds_a_redis_store(redis_url, tmp_path):
@@ -213,5 +331,17 @@ async def test_a_waiting_runner_reads_the_whole_backlog_of_announcements(redis_u
         assert current >= seen + 200
         assert await backend._pubsub.get_message(timeout=0) is None  # nothing left unread
         assert await store.wait_for_work(current, 0.2) == current  # and no stale message wakes the next wait
+    finally:
+        await backend.aclose()
+
+
+async def test_a_burst_beyond_the_connection_pool_waits_for_a_connection(redis_url):
+    """More calls at once in one replica than it has connections (redis-py's default pool refuses the 101st
+    with "Too many connections", which would be a 503): they wait their turn, and all are answered."""
+    backend = RedisBackend(redis_url, 3600.0, max_attempts=2, prefix=f"test-{uuid.uuid4().hex}")
+    store = JobStore(backend)
+    try:
+        answers = await asyncio.gather(*(store.get(f"job-{i}", "alice") for i in range(500)))
+        assert answers == [None] * 500
     finally:
         await backend.aclose()

@@ -213,18 +213,17 @@ def test_completed_status_logs_metrics_and_result():
                              "stats": {"num_input_tokens": 600, "num_output_tokens": 4}}
 
 
-def test_invalid_input_is_accepted_then_replayed_by_the_result():
-    with client_for() as client:
-        resp = client.post(f"/queue{APP}", json={"image_url": data_uri(), "temperature": 3}, headers=AUTH)
-        assert resp.status_code == 200  # fal enqueues; the job ends with the model's error
-        rid = resp.json()["request_id"]
-        status = wait(client, rid).json()
-        result = client.get(f"/queue{APP}/requests/{rid}", headers=AUTH)
-    assert status["status"] == "COMPLETED"
-    assert (status["error"], status["error_type"]) == ("Field required", "missing")
-    assert result.status_code == 422 and result.headers["x-fal-request-id"] == rid
-    locs = [d["loc"] for d in result.json()["detail"]]
-    assert locs == [["body", "prompt"], ["body", "temperature"]]
+def test_invalid_input_is_refused_at_submit_as_sync_refuses_it(tmp_path):
+    """Checked at submit (docs/api.md §2.5.1): the sync route's 422, no job stored, no quota spent."""
+    bad = {"image_url": data_uri(), "temperature": 3}
+    with client_for(runner=False, keys=keys_file(tmp_path, rate=1)) as client:
+        sync = client.post(APP, json=bad, headers=AUTH)
+        queued = client.post(f"/queue{APP}", json=bad, headers=AUTH)
+        accepted = client.post(f"/queue{APP}", json=body(), headers=AUTH)  # the key's one request a minute
+    assert queued.status_code == sync.status_code == 422
+    assert queued.json() == sync.json()
+    assert [d["loc"] for d in queued.json()["detail"]] == [["body", "prompt"], ["body", "temperature"]]
+    assert accepted.status_code == 200
 
 
 def test_image_failure_replays_file_download_error():
@@ -239,11 +238,13 @@ def test_image_failure_replays_file_download_error():
     assert item["url"] == "https://docs.fal.ai/errors/#file_download_error"
 
 
-@pytest.mark.parametrize("raw, kind", [(b"{not json", "json_invalid"), (b"[1, 2]", "dict_type")])
-def test_submit_refuses_only_an_unreadable_body(raw, kind):
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]"])
+def test_submit_refuses_an_unreadable_body_as_sync_does(raw):
+    headers = {**AUTH, "Content-Type": "application/json"}
     with client_for(runner=False) as client:
-        resp = client.post(f"/queue{APP}", content=raw, headers={**AUTH, "Content-Type": "application/json"})
-    assert resp.status_code == 422 and resp.json()["detail"][0]["type"] == kind
+        resp = client.post(f"/queue{APP}", content=raw, headers=headers)
+        sync = client.post(APP, content=raw, headers=headers)
+    assert resp.status_code == 422 and resp.json() == sync.json()
 
 
 def test_cancel_every_case():
@@ -414,8 +415,8 @@ def test_fal_webhook_gets_the_result_or_the_replayed_error():
         media = MediaConfig(allow_networks=["127.0.0.1/32"])
         with client_for(media=media, webhooks=WebhooksConfig(backoff_s=0.05, timeout_s=2.0)) as client:
             ok = client.post(f"/queue{APP}?fal_webhook={rx.url}", json=body(), headers=AUTH).json()["request_id"]
-            bad = client.post(f"/queue{APP}?fal_webhook={rx.url}", json={"image_url": "x"}, headers=AUTH)
-            bad = bad.json()["request_id"]
+            bad = submit(client, path=f"/queue{APP}?fal_webhook={rx.url}", image_url="http://127.0.0.1:9/nope.png")
+            bad = bad["request_id"]
             deadline = time.monotonic() + 10
             while len(rx.calls) < 3 and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -426,7 +427,7 @@ def test_fal_webhook_gets_the_result_or_the_replayed_error():
                          "payload": {"output": "w0 w1 w2 w3 ", "partial": False,
                                      "stats": {"num_input_tokens": 600, "num_output_tokens": 4}}}
     assert by_id[bad]["status"] == "ERROR" and by_id[bad]["error"] == "Invalid status code: 422"
-    assert by_id[bad]["payload"]["detail"][0]["loc"] == ["body", "prompt"]
+    assert by_id[bad]["payload"]["detail"][0]["loc"] == ["body", "image_url"]
 
 
 @pytest.mark.parametrize("hook", ["ftp://example.com/x", "not a url", "http://"])

@@ -199,8 +199,8 @@ def test_bad_references_are_load_errors(uri, msg, connections):
 @pytest.mark.parametrize("cache_max_bytes, decodes", [(1 << 20, 1), (0, 2)])
 def test_a_repeated_image_is_decoded_once(cache_max_bytes, decodes, monkeypatch):
     calls = []
-    real = intake_module.decode_image
-    monkeypatch.setattr(intake_module, "decode_image", lambda data, cfg: calls.append(cfg) or real(data, cfg))
+    real = intake_module.decode_opened
+    monkeypatch.setattr(intake_module, "decode_opened", lambda opened, cfg: calls.append(cfg) or real(opened, cfg))
     intake = ImageIntake(MediaConfig(cache_max_bytes=cache_max_bytes))
 
     async def twice():

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 
 from serve.api.errors import Answers, ApiError
-from serve.api.limits import rate_limit_headers
+from serve.api.limits import rate_limit_headers, refusal_detail
 from serve.jobs.failures import problems
 from serve.jobs.models import FailureKind, JobError, Problem
 
@@ -32,8 +32,9 @@ def _limited(err: JobError, inp: Mapping[str, Any] | None) -> ApiError:
     adm = err.admission  # a LIMITED failure carries the store's decision (classify)
     if adm.reason == "rate":
         message = f"Rate limit exceeded. Please retry after {adm.retry_after} seconds."
-    else:
-        message = f"Too many concurrent predictions (limit {adm.max_concurrent}). Please retry later."
+    else:  # the bounds every API shares have their own words (docs/bounds.md)
+        message = refusal_detail(adm) or (
+            f"Too many concurrent predictions (limit {adm.max_concurrent}). Please retry later.")
     return error(429, message, rate_limit_headers(adm))
 
 

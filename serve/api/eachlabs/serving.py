@@ -17,14 +17,12 @@ from pydantic import ValidationError
 from serve.api.eachlabs.errors import error, error_output, invalid_input
 from serve.api.eachlabs.protocol import MODEL, CreatePrediction, LlavaInput, prediction, to_generation_request
 from serve.api.limits import rate_limit_headers
-from serve.api.serving import accept, run_job, send_webhook
+from serve.api.serving import accept, read, run_job, send_webhook
 from serve.api.services import Services
 from serve.auth import Caller
 from serve.jobs.models import Admission, CancelOutcome, Job, JobResult, JobStatus
 from serve.jobs.runner import LogFn
 from serve.telemetry.access import RequestContext
-
-RUN_POLL_S = 0.1
 
 
 def parse_create(body: bytes) -> CreatePrediction:
@@ -57,7 +55,8 @@ async def create(services: Services, ctx: RequestContext, caller: Caller, req: C
         id=ctx.request_id,  # the prediction id is the request's id everywhere
         owner=caller.name,
         api="eachlabs",
-        input=req.input or {},
+        # The model's fields as sent (echoed by GET); fields it ignores are not stored (docs/bounds.md).
+        input={name: value for name, value in (req.input or {}).items() if name in LlavaInput.model_fields},
         meta={"version": req.version, "webhook_url": req.webhook_url, "webhook_secret": req.webhook_secret},
         max_concurrent=caller.limits.max_concurrent,
         created_at=0.0,  # the store stamps it
@@ -76,18 +75,21 @@ async def run(services: Services, ctx: RequestContext, caller: Caller, req: Crea
     """The SDK's blocking call: create, then answer with the prediction once it is terminal."""
     job, admission = await create(services, ctx, caller, req)
     try:
-        while not (current := await services.store.get(job.id, caller.name)).status.terminal:
-            await asyncio.sleep(RUN_POLL_S)
+        # Brief reads while it runs (the status is all that is looked at), the whole prediction once.
+        while not (await services.store.get(job.id, caller.name, brief=True)).status.terminal:
+            await asyncio.sleep(services.config.eachlabs.run_poll_s)
     except asyncio.CancelledError:
         await services.store.cancel(job.id, caller.name)  # the caller left: stop the work
         raise
-    body = prediction(current, base_url, services.config.eachlabs.price_per_second)
+    body = prediction(await services.store.get(job.id, caller.name), base_url,
+                      services.config.eachlabs.price_per_second)
     return JSONResponse(body, headers=rate_limit_headers(admission))
 
 
 async def get(services: Services, ctx: RequestContext, caller: Caller, prediction_id: str, base_url: str) -> Response:
     ctx.request_id = prediction_id
-    job = await services.store.get(prediction_id, caller.name)  # polls never count against limits
+    read(services, ctx, caller)  # reads have their own budget, not the generation limits
+    job = await services.store.get(prediction_id, caller.name)
     if job is None:
         raise error(404, "Prediction not found")
     return JSONResponse(prediction(job, base_url, services.config.eachlabs.price_per_second))
@@ -95,6 +97,7 @@ async def get(services: Services, ctx: RequestContext, caller: Caller, predictio
 
 async def cancel(services: Services, ctx: RequestContext, caller: Caller, prediction_id: str) -> Response:
     ctx.request_id = prediction_id
+    read(services, ctx, caller)
     outcome = await services.store.cancel(prediction_id, caller.name)
     if outcome == CancelOutcome.NOT_FOUND:
         raise error(404, "Prediction not found")

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 
 from serve.api.errors import Answers, ApiError, render
-from serve.api.limits import rate_limit_headers
+from serve.api.limits import rate_limit_headers, refusal_detail
 from serve.jobs.failures import problems
 from serve.jobs.models import FailureKind, JobError, Problem
 
@@ -54,8 +54,8 @@ def _limited(err: JobError, inp: Mapping[str, Any] | None) -> ApiError:
     adm = err.admission  # a LIMITED failure carries the store's decision (classify)
     if adm.reason == "rate":
         detail = f"Rate limit exceeded ({adm.limit} requests per minute). Please retry after {adm.retry_after} seconds."
-    else:
-        detail = "Concurrency limit exceeded. Please retry later."
+    else:  # the bounds every API shares have their own words (docs/bounds.md)
+        detail = refusal_detail(adm) or "Concurrency limit exceeded. Please retry later."
     return ApiError(429, {"detail": detail}, rate_limit_headers(adm))
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+from contextlib import ExitStack
 from typing import Any, AsyncGenerator, AsyncIterator
 
 import httpx
 from fastapi import Response
 from fastapi.responses import JSONResponse
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from serve.api.errors import ApiError, answer
 from serve.api.fal.errors import ANSWERS, field_error, flat_error, summary, validation_error
@@ -31,8 +32,10 @@ from serve.api.serving import (
     BuildRequest,
     accept,
     complete,
+    counting_refusals,
     generation,
     open_generation,
+    read,
     run_job,
     send_webhook,
     streamed,
@@ -46,7 +49,6 @@ from serve.jobs.runner import LogFn
 from serve.net.pinned import url_problem
 from serve.telemetry.access import RequestContext
 
-_OBJECT = TypeAdapter(dict[str, Any])
 _CANCEL = {
     CancelOutcome.CANCELLED: (200, "OK"),
     CancelOutcome.REQUESTED: (202, "CANCELLATION_REQUESTED"),
@@ -131,12 +133,9 @@ async def _output_events(items: AsyncIterator[StreamItem], inp: FalInput) -> Asy
 
 async def submit(services: Services, ctx: RequestContext, caller: Caller, body: bytes, *,
                  start_timeout: str | None, webhook: str | None, queue_root: str) -> Response:
-    # Only an unreadable body is refused here: like fal, a bad input is accepted and the job ends
-    # with the validation error, replayed by the result endpoint.
-    try:
-        inp = _OBJECT.validate_json(body)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+    # Checked now, as the sync routes check it (docs/api.md §2.5.1): an invalid input is refused with the
+    # same 422 before it costs quota or store space, never stored to fail later.
+    inp = parse(body).model_dump(mode="json", exclude_unset=True)
     meta: dict[str, Any] = {}
     if webhook is not None:
         try:
@@ -157,7 +156,8 @@ async def submit(services: Services, ctx: RequestContext, caller: Caller, body: 
 
 async def _job(services: Services, ctx: RequestContext, caller: Caller, request_id: str, *, brief: bool) -> Job:
     ctx.request_id = request_id  # the id on the response is the job's
-    job = await services.store.get(request_id, caller.name, brief=brief)  # reads never count against limits
+    read(services, ctx, caller)  # reads have their own budget, not the generation limits
+    job = await services.store.get(request_id, caller.name, brief=brief)
     if job is None:
         raise flat_error(404, "Request not found")
     return job
@@ -173,9 +173,13 @@ async def status(services: Services, ctx: RequestContext, caller: Caller, reques
 
 async def status_stream(services: Services, ctx: RequestContext, caller: Caller, request_id: str, *,
                         queue_root: str, with_logs: bool) -> Response:
-    """SSE of status objects on every change, each with only the new log lines; ends with COMPLETED."""
+    """SSE of status objects on every change, each with only the new log lines; ends with COMPLETED.
+    The caller's open streams are capped (docs/bounds.md, "Reads"): each one polls the store."""
     job = await _job(services, ctx, caller, request_id, brief=True)
     poll_s = services.config.fal.status_stream_poll_s
+    held = ExitStack()
+    with counting_refusals(ctx, caller):
+        held.enter_context(services.reads.status_stream(caller.name))
 
     async def events() -> AsyncGenerator[bytes, None]:
         current, sent, last = job, 0, None
@@ -190,7 +194,10 @@ async def status_stream(services: Services, ctx: RequestContext, caller: Caller,
             await asyncio.sleep(poll_s)
             current = await services.store.get(request_id, caller.name, brief=True)
 
-    return EventStream(events())
+    async def release() -> None:
+        held.close()
+
+    return EventStream(events(), cleanup=release)
 
 
 async def result(services: Services, ctx: RequestContext, caller: Caller, request_id: str) -> Response:
@@ -203,6 +210,7 @@ async def result(services: Services, ctx: RequestContext, caller: Caller, reques
 
 async def cancel(services: Services, ctx: RequestContext, caller: Caller, request_id: str) -> Response:
     ctx.request_id = request_id
+    read(services, ctx, caller)
     code, state = _CANCEL[await services.store.cancel(request_id, caller.name)]
     return JSONResponse({"status": state}, status_code=code)
 

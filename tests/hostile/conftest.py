@@ -1,0 +1,64 @@
+"""The hostile-tenant stack: local Ray + Serve + vLLM CPU + the tiny model, with the Redis store (as in
+production) and bounds small enough to reach in a test. One key abuses a bound while another keeps
+working; docs/bounds.md says what each bound is."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import requests
+import yaml
+
+from serve.app import start_local, stop_local
+from serve.config import ServeConfig, parse_config
+from tests.conftest import CONFIGS, ROOT, free_port
+
+sys.path.insert(0, str(ROOT / "loadtest"))
+import stack as loadtest_stack  # noqa: E402
+
+ABUSER_KEY, VICTIM_KEY, FUZZ_KEY = "hostile-abuser-key-1", "hostile-victim-key-1", "hostile-fuzz-key-1"
+ABUSER_CONCURRENT = 2
+KEYS = [
+    {"key": ABUSER_KEY, "name": "hostile-abuser", "rate_per_minute": 600, "max_concurrent": ABUSER_CONCURRENT},
+    {"key": VICTIM_KEY, "name": "hostile-victim", "rate_per_minute": 600, "max_concurrent": 4},
+    {"key": FUZZ_KEY, "name": "hostile-fuzz", "rate_per_minute": 100_000, "max_concurrent": 16},
+]
+
+
+@pytest.fixture(scope="session")
+def hostile_redis_url(tmp_path_factory):
+    with loadtest_stack.redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def hostile_config(tiny_model_dir, tmp_path_factory, hostile_redis_url) -> ServeConfig:
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump(KEYS))
+    data = yaml.safe_load((CONFIGS / "local-cpu.yaml").read_text())
+    data["model"]["source"] = str(tiny_model_dir)
+    data["http"]["port"] = free_port()
+    data["auth"]["keys_file"] = str(keys_file)
+    data["store"] = {"backend": "redis", "redis_url": hostile_redis_url}
+    data["jobs"] = {"lease_s": 3.0, "reap_interval_s": 0.5}
+    data["media"]["allow_networks"] = ["127.0.0.1/32"]
+    # Bounds small enough to reach in a test (production defaults: docs/configuration.md).
+    data["media"]["max_image_bytes"] = 2 * 2**20
+    data["http"]["max_body_bytes"] = 3 * 2**20
+    data["limits"] = {"max_pending": 8, "max_stored_bytes": 4 * 2**20}
+    data["reads"] = {"per_second": 20, "burst": 40, "max_status_streams": 3}
+    data["webhooks"] = {"attempts": 1, "timeout_s": 3.0}
+    return parse_config(data, CONFIGS, env={})
+
+
+@pytest.fixture(scope="package")
+def stack(hostile_config):
+    """Base URL of the running hostile-tenant stack; Serve and Ray are shut down when its tests end."""
+    try:
+        start_local(hostile_config)
+        base = f"http://{hostile_config.http.host}:{hostile_config.http.port}"
+        assert requests.get(f"{base}/readyz", timeout=30).status_code == 200
+        yield base
+    finally:
+        stop_local()
