@@ -15,7 +15,7 @@ def build_store(cfg: ServeConfig) -> JobStore:
         backend = RedisBackend(cfg.store.redis_url, cfg.store.result_ttl_s, cfg.jobs.max_attempts,
                                prefix=f"llava-serve:{cfg.app_name}")
     else:
-        # "v2": the actor's methods changed (one per operation); a detached actor of the earlier version that a
-        # long-lived cluster still holds must not be found by name (get_if_exists) and called wrongly.
-        backend = RayActorBackend(f"{cfg.app_name}-jobstore-v2", cfg.store.result_ttl_s, cfg.jobs.max_attempts)
+        # "v3": what the store keeps changed (per-key bounds, abridged inputs; docs/bounds.md); a detached actor of
+        # an earlier version that a long-lived cluster still holds must not be found by name (get_if_exists).
+        backend = RayActorBackend(f"{cfg.app_name}-jobstore-v3", cfg.store.result_ttl_s, cfg.jobs.max_attempts)
     return JobStore(backend)
