@@ -55,6 +55,9 @@ def hostile_config(tiny_model_dir, tmp_path_factory, hostile_redis_url) -> Serve
 @pytest.fixture(scope="package")
 def stack(hostile_config):
     """Base URL of the running hostile-tenant stack; Serve and Ray are shut down when its tests end."""
+    # One local stack at a time: the integration tests' stack is still up here (a package fixture of a folder
+    # without __init__.py lasts to the session's end), and its tests are done. Stopping is idempotent.
+    stop_local()
     try:
         start_local(hostile_config)
         base = f"http://{hostile_config.http.host}:{hostile_config.http.port}"
