@@ -466,14 +466,16 @@ def requests_for(indices, images: list[str], max_tokens: int) -> list[Req]:
 
 # -- llava-serve's config and vLLM's command line -----------------------------------------------------------
 
-def our_config(base: Path, tmp: Path, keys: Path, proxy: str, redis_url: str | None) -> Path:
-    """`base` as production runs it: its ingress (http.proxy) and, with `redis_url`, its Redis store."""
+def our_config(base: Path, tmp: Path, keys: Path, proxy: str, redis_url: str | None, url: str) -> Path:
+    """`base` as production runs it: its ingress (http.proxy) and, with `redis_url`, its Redis store; `url` is
+    where the benchmark reaches it (http.public_base_url, which haproxy requires)."""
     data = yaml.safe_load(base.read_text())
     source = base.parent / data["model"]["source"]
     if source.exists():  # a relative path, to a file that moves
         data["model"]["source"] = str(source.resolve())
     data["auth"]["keys_file"] = str(keys)
     data["http"]["proxy"] = proxy
+    data["http"]["public_base_url"] = url
     if redis_url:
         data["store"] = {**data.get("store", {}), "backend": "redis", "redis_url": redis_url}
     path = tmp / "llava-serve.yaml"
@@ -734,8 +736,8 @@ def main() -> int:
         keys.write_text(yaml.safe_dump([{"key": KEY, "name": "bench", "rate_per_minute": 10**6,
                                           "max_concurrent": 100_000}]))
         redis_url = stack_.enter_context(stack.redis_server(tmp)) if args.store == "redis" else None
-        ours_cfg = our_config(args.config, tmp, keys, args.proxy, redis_url)
         vllm_port, our_port = stack.free_port(), stack.free_port()
+        ours_cfg = our_config(args.config, tmp, keys, args.proxy, redis_url, f"http://127.0.0.1:{our_port}")
         cmd, env = vllm_serve_cmd(args.config, vllm_port)
         vlog = stack_.enter_context(open(args.out / "vllm-serve.log", "w"))
         olog = stack_.enter_context(open(args.out / "llava-serve.log", "w"))

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from serve.config import ConfigError, LimitsConfig
+from serve.config import AuthConfig, ConfigError, LimitsConfig
 from serve.jobs.models import Limits
 
 
@@ -36,6 +39,7 @@ class Caller(BaseModel):
 
 
 _ENTRIES = TypeAdapter(list[KeyEntry])
+log = logging.getLogger(__name__)
 
 
 def _digest(key: str) -> bytes:
@@ -74,7 +78,11 @@ class KeyRing:
         except OSError as exc:
             raise ConfigError(str(path), [f"auth.keys_file: cannot read: {exc.strerror}"]) from None
         except yaml.YAMLError as exc:
-            raise ConfigError(str(path), [f"auth.keys_file: not valid YAML: {exc}"]) from None
+            # Where and what only: the YAML error's own text quotes the line, which holds a secret.
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(str(path), [f"auth.keys_file: not valid YAML{where}: {what}"]) from None
         except ValidationError as exc:
             # Never echo the input: it is a secret.
             errs = [
@@ -95,6 +103,47 @@ class KeyRing:
             if hmac.compare_digest(known, digest):
                 found = caller
         return found
+
+
+class Keys:
+    """The keys file as this replica knows it: reread every `auth.reload_interval_s`, so a key removed from the
+    file (a Secret on Kubernetes) stops working without a restart (docs/operations.md, "Keys"). A file that does
+    not validate leaves the keys before it in place; its errors name places, never the content."""
+
+    def __init__(self, cfg: AuthConfig, limits: LimitsConfig, clock: Callable[[], float] = time.monotonic):
+        self._path, self._limits, self._every, self._clock = cfg.keys_file, limits, cfg.reload_interval_s, clock
+        self._text = self._read()
+        self._ring = KeyRing.load(self._path, limits)  # at start a bad file fails the replica: nothing to keep
+        self._checked = clock()
+
+    def _read(self) -> bytes | None:
+        try:
+            return Path(self._path).read_bytes()
+        except OSError:
+            return None
+
+    def _refresh(self) -> None:
+        # One small read per interval, on the event loop: cheaper than a thread hop, and only when due.
+        self._checked = self._clock()
+        text = self._read()
+        if text == self._text:
+            return
+        try:
+            ring = KeyRing.load(self._path, self._limits)
+        except ConfigError as exc:
+            log.warning("keys file not reloaded, keeping the %d keys loaded before: %s", len(self._ring), exc)
+        else:
+            log.info("keys file reloaded: %d keys (was %d)", len(ring), len(self._ring))
+            self._ring = ring
+        self._text = text  # a bad file is reported once, not every interval
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    def authenticate(self, presented: str) -> Caller | None:
+        if self._clock() - self._checked >= self._every:
+            self._refresh()
+        return self._ring.authenticate(presented)
 
 
 def credentials(authorization: str) -> tuple[str, str]:

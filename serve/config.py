@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, ValidationErro
 ENV_KEYS_FILE = "LLAVA_SERVE_KEYS_FILE"
 ENV_PORT = "PORT"
 ENV_HOST = "LLAVA_SERVE_HOST"
+# Redis' password, read where the store's client is made (serve/jobs/factory.py), never from a config file:
+# the config is written into the RayService in clear (docs/kubernetes.md).
+ENV_REDIS_PASSWORD = "LLAVA_SERVE_REDIS_PASSWORD"
 # Room in a request body for everything but its image's data: URI (prompt, parameters, JSON).
 BODY_OVERHEAD_BYTES = 64 * 1024
 # Per-key store bounds' defaults (LimitsConfig, and serve.jobs.models.Limits for stores used without a config).
@@ -138,6 +141,10 @@ class IngressConfig(DeploymentConfig):
         256, gt=0, description="HTTP requests one ingress replica holds at once (they mostly await the engine)."
     )
     readiness_timeout_s: float = Field(5.0, gt=0, description="How long /readyz waits for the engine's health check.")
+    readiness_cache_s: float = Field(
+        1.0, ge=0, description="How long one /readyz answer is reused: probes arriving meanwhile (and while a check "
+        "is under way) share it, so a flood of probes costs one engine health check per interval (0 = every probe)."
+    )
 
 
 class HttpConfig(_Strict):
@@ -145,7 +152,10 @@ class HttpConfig(_Strict):
     port: int = Field(8000, ge=0, le=65535, description="Port of the Serve HTTP proxy (env PORT overrides).")
     public_base_url: str | None = Field(
         None, description="Base URL clients reach this server at, for URLs put in responses (e.g. "
-        "https://llava.example.com); None = the base URL of each request as it arrived."
+        "https://llava.example.com): an absolute http(s) URL, https wherever clients are outside the cluster, "
+        "without credentials, query or fragment. None = the base URL of each request as it arrived. Required "
+        "with proxy 'haproxy': TLS ends before HAProxy (at the cluster's ingress), so requests arrive as plain "
+        "http:// and URLs derived from them would send clients (and their keys) to http://."
     )
     tls_certfile: Path | None = Field(
         None, description="PEM certificate chain: with tls_keyfile, the Serve proxy speaks HTTPS (what fal's Python "
@@ -181,6 +191,34 @@ class HttpConfig(_Strict):
                              "end TLS at the cluster's ingress instead")
         return self
 
+    @field_validator("public_base_url")
+    @classmethod
+    def _absolute_http_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        try:
+            url = urlsplit(v)
+            _ = url.port  # raises ValueError for a port that is not a number in range
+        except ValueError:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("public_base_url must be an absolute http(s) URL, e.g. https://llava.example.com")
+        if url.username is not None or url.password is not None or url.query or url.fragment:
+            raise ValueError("public_base_url must not hold credentials, a query or a fragment: clients are "
+                             "sent URLs that start with it")
+        return v
+
+    @model_validator(mode="after")
+    def _haproxy_needs_public_base_url(self) -> HttpConfig:
+        # docs/kubernetes.md: with HAProxy, TLS ends at the cluster's ingress and requests arrive as http://.
+        if self.proxy == "haproxy" and self.public_base_url is None:
+            raise ValueError("public_base_url is required with proxy: haproxy (TLS ends at the cluster's ingress, "
+                             "so requests arrive as http:// and the URLs in answers would be http://): set it to "
+                             "where clients reach this server, e.g. https://llava.example.com")
+        return self
+
     @property
     def scheme(self) -> str:
         return "https" if self.tls_certfile else "http"
@@ -190,6 +228,11 @@ class AuthConfig(_Strict):
     keys_file: Path = Field(
         description="YAML list of API keys {key, name, rate_per_minute?, max_concurrent?} "
         "(env LLAVA_SERVE_KEYS_FILE overrides)."
+    )
+    reload_interval_s: float = Field(
+        10.0, gt=0, description="How often each ingress replica rereads the keys file: a key added or removed takes "
+        "effect within this (plus, on Kubernetes, the kubelet's delay in updating a mounted Secret). A file that "
+        "does not validate is not loaded: the keys before it stay, and the replica logs why (never the line)."
     )
 
 
@@ -323,7 +366,11 @@ class StoreConfig(_Strict):
     backend: Literal["ray_actor", "redis"] = Field(
         "ray_actor", description="Where jobs and limit counters live: a named Ray actor or Redis."
     )
-    redis_url: str | None = Field(None, description="Redis URL, required when backend is redis.")
+    redis_url: str | None = Field(
+        None, description="Redis URL, required when backend is redis. Redis' password (AUTH) comes from the "
+        "environment of the ingress replicas, LLAVA_SERVE_REDIS_PASSWORD, so it need not be written here (a "
+        "password in the URL wins)."
+    )
     result_ttl_s: float = Field(3600.0, gt=0, description="How long finished job results stay readable.")
 
     @model_validator(mode="after")
@@ -360,8 +407,9 @@ class EachlabsConfig(_Strict):
 class FalConfig(_Strict):
     queue_base_url: str | None = Field(
         None, description="Where clients reach the fal queue API, for the status/response/cancel URLs a submit "
-        "returns (fal's Python client follows them), e.g. https://llava.example.com/queue/. None = derived from "
-        "each request: <scheme>://<Host>/queue/, or <scheme>://<Host>/ when the Host starts with 'queue.'."
+        "returns (fal's Python client follows them), e.g. https://llava.example.com/queue/. None = http.public_base_url "
+        "+ /queue/ where that is set, else derived from each request: <scheme>://<Host>/queue/, or "
+        "<scheme>://<Host>/ when the Host starts with 'queue.'."
     )
     status_stream_poll_s: float = Field(
         0.1, gt=0, description="How often a status stream (/status/stream) looks for news of its job."
@@ -382,6 +430,11 @@ class TelemetryConfig(_Strict):
         False, description="Write an access line for every successful status poll (fal status, Eachlabs get) too. "
         "Off by default: a queue client polls every 0.1 s, so polls would drown the other lines (and cost each "
         "poll a log write); they are counted in llava_requests_total either way, and failed polls are logged."
+    )
+    metrics_route: bool = Field(
+        False, description="Also answer GET /metrics on the API port (the local node's Prometheus text). Its series "
+        "name every key, so production leaves it off and Prometheus scrapes each Ray pod's metrics port (8080), "
+        "which the NetworkPolicy opens to the monitoring namespace only (docs/operations.md)."
     )
     metrics_report_interval_s: float = Field(
         10.0, gt=0, description="How often each process reports its metrics to the node's Ray metrics agent "
@@ -527,7 +580,7 @@ def parse_config(data: Any, base_dir: Path, env: Mapping[str, str], source: str 
             "tls_certfile": (base_dir / http.tls_certfile.expanduser()).resolve(),
             "tls_keyfile": (base_dir / http.tls_keyfile.expanduser()).resolve(),
         })
-    return cfg.model_copy(update={"model": model, "auth": AuthConfig(keys_file=keys_file), "http": http})
+    return cfg.model_copy(update={"model": model, "auth": cfg.auth.model_copy(update={"keys_file": keys_file}), "http": http})
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> ServeConfig:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Response
@@ -16,6 +15,7 @@ from serve.api.eachlabs.serving import EachlabsExecutor
 from serve.api.fal.dispatch import FalDispatch
 from serve.api.fal.routes import router as fal_router
 from serve.api.fal.serving import FalExecutor
+from serve.api.health import Readiness
 from serve.api.openai.routes import SDK_HEADERS as OPENAI_SDK_HEADERS
 from serve.api.openai.routes import router as openai_router
 from serve.api.reference import mount as mount_reference
@@ -48,15 +48,16 @@ def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    ingress = services.config.ingress
+    readiness = Readiness(services.engine, ingress.readiness_timeout_s, ingress.readiness_cache_s)
+
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        try:
-            await asyncio.wait_for(services.engine.check_health(), services.config.ingress.readiness_timeout_s)
-        except Exception as exc:  # any failure to answer means not ready
-            return JSONResponse({"status": "not ready", "reason": type(exc).__name__}, status_code=503)
+        reason = await readiness.not_ready()
+        if reason is not None:
+            return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics")
     async def prometheus() -> Response:
         import ray
 
@@ -67,6 +68,9 @@ def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
         except Exception as exc:  # the node's metrics agent is not up (yet)
             return JSONResponse({"detail": f"The Ray metrics agent did not answer: {type(exc).__name__}"}, 503)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    if services.config.telemetry.metrics_route:  # off in production: the series name every key
+        app.add_api_route("/metrics", prometheus, methods=["GET"])
 
     app.include_router(fal_router)
     app.include_router(openai_router)  # before Eachlabs': its /v1/{rest} answers every other /v1 path

@@ -20,6 +20,20 @@ from serve.engine.types import EngineInputError
 
 TEMPLATE_PATH = Path(__file__).with_name("llava_v1.jinja")
 IMAGE_TOKEN = "<image>"  # LLaVA-1.5's image placeholder: vLLM expands it to the image's 576 tokens
+# What the template writes between turns, and the tokenizer's own BOS/EOS (it parses them out of text): in a
+# client's text each would forge an image or a turn, so text holding one is refused (docs/api.md §8.2).
+RESERVED = (IMAGE_TOKEN, "USER:", "ASSISTANT:", "<s>", "</s>")
+
+
+def reserved_in(text: str) -> str | None:
+    """The first marker of LLaVA's prompt format in `text`, if any."""
+    return next((marker for marker in RESERVED if marker in text), None)
+
+
+def refusal(marker: str) -> str:
+    if marker == IMAGE_TOKEN:  # it would stand for an image the request does not carry
+        return f"The text may not contain the image placeholder {IMAGE_TOKEN}; images come only as image fields."
+    return f"The text may not contain {marker!r}: LLaVA's prompt format uses it to mark turns."
 
 Role = Literal["system", "developer", "user", "assistant"]  # developer: a system message by its newer name
 
@@ -33,9 +47,9 @@ class Turn:
     def content(self) -> str:
         # vLLM's flattening for a string template: one placeholder line per image ahead of the texts,
         # texts joined by newlines, wherever the image parts stood.
-        if any(IMAGE_TOKEN in t for t in self.texts):
-            # It would stand for an image the request does not carry (docs/api.md §8.2).
-            raise EngineInputError(f"The text may not contain the image placeholder {IMAGE_TOKEN}.")
+        for text in self.texts:
+            if (marker := reserved_in(text)) is not None:
+                raise EngineInputError(refusal(marker))
         text = "\n".join(self.texts)
         return "\n".join([IMAGE_TOKEN] * self.images + [text]) if self.images else text
 

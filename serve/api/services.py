@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from serve.api.reads import ReadBudget
-from serve.auth import KeyRing
+from serve.auth import Keys
 from serve.config import ServeConfig
 from serve.engine.types import Engine
 from serve.jobs.store import JobStore
@@ -19,7 +19,7 @@ from serve.webhooks import WebhookSender
 @dataclass
 class Services:
     config: ServeConfig
-    keys: KeyRing
+    keys: Keys  # reread as the file changes
     engine: Engine
     media: ImageIntake
     store: JobStore
@@ -32,7 +32,7 @@ class Services:
         """Everything but the engine and the store, from the config."""
         return cls(
             config=cfg,
-            keys=KeyRing.load(cfg.auth.keys_file, cfg.limits),
+            keys=Keys(cfg.auth, cfg.limits),
             engine=engine,
             media=ImageIntake(cfg.media),
             store=store,

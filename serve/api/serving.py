@@ -5,6 +5,7 @@ shapes; its routes only read the request and call it (docs/architecture.md, "Add
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -104,11 +105,23 @@ async def accept(services: Services, ctx: RequestContext, caller: Caller, job: J
     return admission
 
 
-def read(services: Services, ctx: RequestContext, caller: Caller) -> None:
-    """Spend one of the caller's reads (polls, results, cancels): their own budget, never the generation
-    limits (docs/bounds.md, "Reads"). A refusal raises LimitExceeded, counted like the others."""
+# What a job id taken from a path may look like. Ids are UUIDs this server made (docs/api.md §1.4), so nothing
+# else names a job; and the id a read is about becomes the request's (fal's x-fal-request-id, the access line),
+# where a %00 or %0a made the HTTP server drop the connection unanswered, and a non-Latin-1 character a 500.
+_JOB_ID = re.compile(r"[0-9A-Za-z._~-]{1,128}")
+
+
+def read(services: Services, ctx: RequestContext, caller: Caller, job_id: str) -> bool:
+    """A read about the job `job_id` (polls, results, cancels): the request becomes that job's, and spends
+    one of the caller's reads, their own budget, never the generation limits (docs/bounds.md, "Reads"); a
+    refusal raises LimitExceeded, counted like the others. False, spending nothing, for an id no job can have:
+    the API answers its 404."""
+    if not _JOB_ID.fullmatch(job_id):
+        return False
+    ctx.request_id = job_id
     with counting_refusals(ctx, caller):
         services.reads.take(caller.name)
+    return True
 
 
 @contextmanager

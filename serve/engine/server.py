@@ -10,7 +10,9 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from serve.config import ServeConfig
-from serve.engine.types import Completion, EngineUnavailable, GenerationRequest, ServedEngine, StreamItem, coalesce
+from serve.engine.types import (
+    Completion, EngineInputError, EngineUnavailable, GenerationRequest, ServedEngine, StartTimeout, StreamItem, coalesce,
+)
 
 EngineFactory = Callable[[ServeConfig], ServedEngine]
 
@@ -68,8 +70,12 @@ class HandleEngine:
                 finished = isinstance(item, Completion)
                 yield item
             finished = True
-        except RayTaskError:
-            raise  # the replica's own exception (EngineInputError etc. arrive as themselves)
+        except RayTaskError as exc:
+            if isinstance(exc.cause, (EngineInputError, EngineUnavailable, StartTimeout)):
+                # The replica's own words, not Ray's wrapping of them (its text is the remote traceback: pids,
+                # addresses, file paths), which would reach the client (docs/architecture.md, "Failures").
+                raise type(exc.cause)(*exc.cause.args) from None
+            raise
         except (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
             raise EngineUnavailable(f"no engine replica could serve the request: {type(exc).__name__}") from exc
         finally:

@@ -6,6 +6,7 @@ Serve deployment.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
@@ -21,6 +22,23 @@ from serve.engine.types import (
 
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
+
+
+_TOO_LONG = re.compile(r"prompt \(length (\d+)\) (plus the number of requested output tokens .*?)?is longer than "
+                       r"the maximum model length of (\d+)")
+
+
+def refused(exc: Exception) -> EngineInputError:
+    """vLLM's refusal of a request, in words for its sender: a prompt past the context says so plainly, without
+    vLLM's advice to operators (raise max_model_len) or the rejected value (docs/api.md §2.7)."""
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    if (m := _TOO_LONG.search(text)) is not None:
+        prompt, full, context = int(m.group(1)), m.group(2) is not None, int(m.group(3))
+        return EngineInputError(
+            f"The prompt is {prompt} tokens (any image included) and the model's context is {context} tokens: "
+            + ("no room is left for the answer" if full else "it does not fit") + ". Shorten the prompt."
+        )
+    return EngineInputError(text)
 
 
 def engine_arg_values(cfg: ServeConfig) -> dict[str, Any]:
@@ -94,7 +112,7 @@ class VLLMEngine:
                 output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
             )
         except VLLMClientError as exc:
-            raise EngineInputError(str(exc)) from None
+            raise refused(exc) from None
         prompt: dict[str, Any] = {"prompt": request.prompt}
         if request.image is not None:
             prompt["multi_modal_data"] = {"image": request.image}
@@ -121,7 +139,7 @@ class VLLMEngine:
                     yield Completion(num_input, num_output, choice.finish_reason or "stop")
         except VLLMClientError as exc:
             outcome = "failed"
-            raise EngineInputError(str(exc)) from None
+            raise refused(exc) from None
         except EngineDeadError as exc:
             outcome = "failed"
             raise EngineUnavailable(f"engine is dead: {exc}") from None

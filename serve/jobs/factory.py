@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from serve.config import ServeConfig
+import os
+
+from serve.config import ENV_REDIS_PASSWORD, ServeConfig
 from serve.jobs.ray_actor import RayActorBackend
 from serve.jobs.redis_store import RedisBackend
 from serve.jobs.store import JobStore, StoreBackend
@@ -12,8 +14,11 @@ def build_store(cfg: ServeConfig) -> JobStore:
     """Every ingress replica of one deployment that calls this reaches the same state."""
     backend: StoreBackend
     if cfg.store.backend == "redis":
+        # The password comes from this replica's environment (a Secret on Kubernetes), never from the config,
+        # which the RayService holds in clear (docs/kubernetes.md).
         backend = RedisBackend(cfg.store.redis_url, cfg.store.result_ttl_s, cfg.jobs.max_attempts,
-                               prefix=f"llava-serve:{cfg.app_name}")
+                               prefix=f"llava-serve:{cfg.app_name}",
+                               password=os.environ.get(ENV_REDIS_PASSWORD) or None)
     else:
         # "v3": what the store keeps changed (per-key bounds, abridged inputs; docs/bounds.md); a detached actor of
         # an earlier version that a long-lived cluster still holds must not be found by name (get_if_exists).

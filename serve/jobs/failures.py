@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 from pydantic import ValidationError
 
 from serve.engine.types import EngineInputError, EngineUnavailable, StartTimeout
 from serve.jobs.models import (
-    CANCELLED, BodyTooLarge, FailureKind, JobError, LimitExceeded, Problem, StoreUnavailable,
+    CANCELLED, BodyTooLarge, FailureKind, JobError, LimitExceeded, Problem, StoreUnavailable, abridge_long_strings,
 )
 from serve.media.errors import ImageDownloadError, MediaError
 
@@ -43,21 +44,50 @@ _SAFE_MESSAGES = {
 }
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
+# What an error may echo of a caller's input (fal's field errors, docs/api.md §2.7): enough to recognise it,
+# never a whole data: URI or body. Strings are abridged as reads abridge a job's input, and an echo holds at
+# most ECHO_VALUES values in all (a container's first ones, then a note of how many it had).
+ECHO_VALUES = 32
+
+
+def echo(value: Any) -> Any:
+    """`value` as an error may show it: bounded, and JSON-serialisable (a ctx may hold an exception object,
+    a float may be NaN)."""
+    return _echo(value, [ECHO_VALUES])
+
+
+def _echo(value: Any, left: list[int]) -> Any:
+    left[0] -= 1
+    if isinstance(value, str):
+        return abridge_long_strings(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN: an answer holding one could not be sent at all
+    if isinstance(value, (int, float, bool)) or value is None:
         return value
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if left[0] <= 0:
+                out["…"] = f"({len(value)} keys)"
+                break
+            out[abridge_long_strings(str(key))] = _echo(item, left)
+        return out
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return str(value)
+        items: list[Any] = []
+        for item in value:
+            if left[0] <= 0:
+                items.append(f"… ({len(value)} items)")
+                break
+            items.append(_echo(item, left))
+        return items
+    return abridge_long_strings(str(value))
 
 
 def problems(exc: ValidationError) -> list[Problem]:
-    """pydantic's errors, JSON-safe (a ctx may hold an exception object)."""
+    """pydantic's errors, their input and ctx `echo`ed (bounded, JSON-safe)."""
     return [
-        Problem(loc=list(err["loc"]), msg=err["msg"], type=err["type"], input=_json_safe(err.get("input")),
-                ctx=_json_safe(err["ctx"]) if "ctx" in err else None)
+        Problem(loc=list(err["loc"]), msg=err["msg"], type=err["type"], input=echo(err.get("input")),
+                ctx=echo(err["ctx"]) if "ctx" in err else None)
         for err in exc.errors(include_url=False)
     ]
 

@@ -366,8 +366,10 @@ def _admission(reply: list[str]) -> Admission:
 class RedisBackend:
     """Shared by every client of the same Redis and prefix."""
 
-    def __init__(self, url: str, result_ttl_s: float, max_attempts: int, prefix: str = "llava-serve"):
+    def __init__(self, url: str, result_ttl_s: float, max_attempts: int, prefix: str = "llava-serve",
+                 password: str | None = None):
         self._url = url
+        self._password = password  # AUTH's, when the URL holds none (a password in the URL wins)
         self._ttl = result_ttl_s
         self._max_attempts = max_attempts
         self._prefix = prefix
@@ -384,7 +386,7 @@ class RedisBackend:
             # apply it twice (two slots, two claims). The caller gets StoreUnavailable instead.
             self._client = Redis.from_pool(BlockingConnectionPool.from_url(
                 self._url, decode_responses=True, retry=Retry(NoBackoff(), 0), max_connections=POOL_CONNECTIONS,
-                timeout=POOL_WAIT_S))
+                timeout=POOL_WAIT_S, password=self._password))
         return self._client
 
     async def _run(self, script: str, *, grows: bool = False, **arguments: Any) -> Any:

@@ -57,7 +57,9 @@ class TextFormatter(logging.Formatter):
         when = time.strftime("%H:%M:%S", time.localtime(record.created))
         fields = dict(getattr(record, "fields", {}))
         if record.name == log.name and "status" in fields:
-            line = (f"{when} {fields['status']} {fields['method']} {fields['path']} {fields['api']} "
+            # The path as the client sent it, decoded: a %0a in it must not start a forged line of its own.
+            path = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(fields["path"]))
+            line = (f"{when} {fields['status']} {fields['method']} {path} {fields['api']} "
                     f"{fields['route']} key={fields['key'] or '-'} {fields['duration_ms']:.0f} ms")
         else:
             extra = "".join(f" {k}={v}" for k, v in fields.items())

@@ -8,6 +8,7 @@ import base64
 import copy
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve.app import ENGINE_DEPLOYMENT, app_builder, deployment_options, ray_env
 from serve.auth import KeyRing
-from serve.config import parse_config
+from serve.config import ENV_REDIS_PASSWORD, parse_config
 from tests.conftest import CONFIGS, ROOT
 from tests.deploy.conftest import K8S, KUBERAY_CRDS, PROD, kustomize_build, ray_groups, ray_pods
 
@@ -292,9 +293,14 @@ def test_disruption_budgets_and_network_policies_select_real_pods(objects, rayse
             assert any(selector.items() <= labels.items() for labels in pod_labels), o["metadata"]["name"]
 
 
+def secret(objects, name: str) -> dict:
+    (found,) = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == name]
+    return found
+
+
 def test_shipped_keys_let_nobody_in(objects, prod):
-    (secret,) = [o for o in objects if o["kind"] == "Secret"]
-    assert base64.b64decode(secret["data"]["keys.yaml"]).decode() == (K8S / "keys.yaml").read_text()
+    keys = secret(objects, "llava-serve-keys")["data"]["keys.yaml"]
+    assert base64.b64decode(keys).decode() == (K8S / "keys.yaml").read_text()
     assert len(KeyRing.load(K8S / "keys.yaml", prod.limits)) == 0
 
 
@@ -305,13 +311,18 @@ def readme_block(first_line: str) -> str:
     return text[start : text.index("```", start)]
 
 
-def test_the_readmes_overlay_sets_image_and_keys(tmp_path, prod):
+def test_the_readmes_overlay_sets_image_keys_redis_password_and_namespaces(tmp_path, prod):
     # docs/kubernetes.md's overlay, as a reader follows it: a checkout named llava-serve beside their overlay.
     shutil.copytree(K8S, tmp_path / "llava-serve" / "k8s")
     overlay = tmp_path / "my-deploy"
     overlay.mkdir()
     (overlay / "kustomization.yaml").write_text(readme_block("# my-deploy/kustomization.yaml"))
     (overlay / "keys.yaml").write_text(readme_block("# my-deploy/keys.yaml"))
+    make_password = readme_block("# my-deploy/redis-auth.env: Redis' password, one line; keep the file out of "
+                                 "version control")
+    assert 'echo "password=$(openssl rand -hex 32)" > my-deploy/redis-auth.env' in make_password
+    password = secrets.token_hex(32)  # what that command writes
+    (overlay / "redis-auth.env").write_text(f"password={password}\n")
     built = kustomize_build(overlay)
 
     (svc,) = [o for o in built if o["kind"] == "RayService"]
@@ -319,12 +330,17 @@ def test_the_readmes_overlay_sets_image_and_keys(tmp_path, prod):
     images = {container(g)["image"] for g in ray_groups(svc).values()} | {
         job["spec"]["template"]["spec"]["containers"][0]["image"]}
     assert images == {"registry.example.com/llava-serve-gpu:0.1.0"}
-    (secret,) = [o for o in built if o["kind"] == "Secret"]
-    keys = base64.b64decode(secret["data"]["keys.yaml"]).decode()
+    keys = base64.b64decode(secret(built, "llava-serve-keys")["data"]["keys.yaml"]).decode()
     assert keys == (overlay / "keys.yaml").read_text()
     assert len(KeyRing.load(overlay / "keys.yaml", prod.limits)) == 2  # the example keys load
     (pvc,) = [o for o in built if o["kind"] == "PersistentVolumeClaim"]
     assert pvc["spec"]["storageClassName"]  # the overlay picks a ReadWriteMany class
+    assert base64.b64decode(secret(built, "llava-redis-auth")["data"]["password"]).decode() == password
+    # The namespaces the overlay names replace the base's, and nothing is left open.
+    assert unpinned_sources(built) == []
+    assert sources(built, 8080) - SAME_NAMESPACE == {("monitoring", None)}
+    assert sources(built, 8265) - SAME_NAMESPACE == sources(built, 52365) - SAME_NAMESPACE == {
+        ("kuberay", frozenset({("app.kubernetes.io/name", "kuberay-operator")}))}
 
 
 def test_pod_details_kuberay_and_the_disruption_controller_rely_on(objects, rayservice):
@@ -365,3 +381,207 @@ def test_worker_pods_drain_their_ray_node_before_they_exit(rayservice, prod):
         assert deadline > dep.graceful_shutdown_timeout_s
         assert re.fullmatch(r"sleep (\d+)", wait) and int(wait.split()[1]) >= deadline
         assert groups[name]["template"]["spec"]["terminationGracePeriodSeconds"] > deadline
+
+
+# --- who may reach what ------------------------------------------------------------------------------
+
+
+NAMESPACE_LABEL = "kubernetes.io/metadata.name"  # Kubernetes sets it on every namespace
+# The ports that only one other namespace may reach: the Ray dashboard (its Jobs API runs code) and its agent
+# only from the KubeRay operator's pods, the metrics port only from Prometheus' namespace.
+OPERATOR_PORTS = (8265, 52365)
+METRICS_PORT = 8080
+SAME_NAMESPACE = {("llava-serve", frozenset({("llava-serve/ray-node", "true")}))}  # the Ray pods themselves
+
+
+def named_ports(objects) -> dict[str, int]:
+    """Container port names of every pod template, for rules that name their ports."""
+    pods = [g["template"]["spec"] for o in objects if o["kind"] == "RayService" for g in ray_groups(o).values()]
+    pods += [o["spec"]["template"]["spec"] for o in objects if o["kind"] in ("StatefulSet", "Job")]
+    return {p["name"]: p["containerPort"] for pod in pods for c in pod["containers"] for p in c.get("ports", [])
+            if "name" in p}
+
+
+def admits_port(rule: dict, port: int, names: dict[str, int]) -> bool:
+    if not rule.get("ports"):
+        return True  # no ports: every port
+    for p in rule["ports"]:
+        first = p.get("port")
+        if first is None:
+            return True
+        first = names.get(first, first) if isinstance(first, str) else first
+        if first <= port <= p.get("endPort", first):
+            return True
+    return False
+
+
+def pinned_namespace(selector: dict) -> str | None:
+    """The one namespace a namespaceSelector selects by name, or None when it may select others."""
+    named = (selector.get("matchLabels") or {}).get(NAMESPACE_LABEL)
+    if named:
+        return named
+    exprs = [e for e in selector.get("matchExpressions") or []
+             if e["key"] == NAMESPACE_LABEL and e["operator"] == "In" and len(e.get("values") or []) == 1]
+    return exprs[0]["values"][0] if exprs else None
+
+
+def peers_admitting(objects, port: int):
+    """(policy, peer) for every ingress peer of every NetworkPolicy that admits `port`; peer None = any source."""
+    names = named_ports(objects)
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
+        for rule in policy["spec"].get("ingress") or []:
+            if admits_port(rule, port, names):
+                yield from ((policy, peer) for peer in rule.get("from") or [None])
+
+
+def source(policy: dict, peer: dict | None) -> tuple[str | None, frozenset | None]:
+    """(namespace, pod labels) a peer admits: namespace None = not pinned to one, labels None = any pod."""
+    if peer is None or "ipBlock" in peer:
+        return None, None
+    if "namespaceSelector" in peer:
+        namespace = pinned_namespace(peer["namespaceSelector"])
+    else:
+        namespace = policy["metadata"]["namespace"]  # a podSelector alone selects in the policy's namespace
+    labels = (peer.get("podSelector") or {}).get("matchLabels") or None
+    return namespace, frozenset(labels.items()) if labels else None
+
+
+def sources(objects, port: int) -> set:
+    return {source(policy, peer) for policy, peer in peers_admitting(objects, port)}
+
+
+def unpinned_sources(objects) -> list[str]:
+    """Every peer admitting the dashboard, its agent or the metrics port from a namespace not pinned by name,
+    or the dashboard or its agent from another namespace's pods without a pod selector."""
+    bad = []
+    for port in (*OPERATOR_PORTS, METRICS_PORT):
+        for policy, peer in peers_admitting(objects, port):
+            namespace, labels = source(policy, peer)
+            elsewhere = namespace != policy["metadata"]["namespace"]
+            if namespace is None or (port in OPERATOR_PORTS and elsewhere and labels is None):
+                bad.append(f"{policy['metadata']['name']}: port {port} from {peer}")
+    return bad
+
+
+def test_no_policy_admits_the_dashboard_or_metrics_from_an_unpinned_namespace(objects):
+    assert unpinned_sources(objects) == []
+    # Besides the Ray pods themselves: the KubeRay operator's pods in its namespace, Prometheus' namespace.
+    operator = {("ray-system", frozenset({("app.kubernetes.io/name", "kuberay-operator")}))}
+    assert sources(objects, 8265) - SAME_NAMESPACE == sources(objects, 52365) - SAME_NAMESPACE == operator
+    assert sources(objects, METRICS_PORT) - SAME_NAMESPACE == {("prometheus-system", None)}
+    # The API port stays open to your ingress, wherever it runs.
+    assert sources(objects, 8000) - SAME_NAMESPACE == {(None, None)}
+
+
+@pytest.mark.parametrize("mutate", [
+    # The policy as it was: any namespace.
+    lambda rules: rules[2]["from"][0].update(namespaceSelector={}),
+    lambda rules: rules[3]["from"][0].update(namespaceSelector={}),
+    # A rule with no `from` admits every source; one with no ports admits every port.
+    lambda rules: rules[3].pop("from"),
+    lambda rules: rules.append({"from": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]}),
+    # The namespace, pinned, but any of its pods may reach the dashboard.
+    lambda rules: rules[3]["from"][0].pop("podSelector"),
+    # Namespace and pod in two `from` elements: each admits on its own (the namespace's every pod).
+    lambda rules: rules[3].update({"from": [{"namespaceSelector": rules[3]["from"][0]["namespaceSelector"]},
+                                            {"podSelector": rules[3]["from"][0]["podSelector"]}]}),
+    # The operator's pods, in any namespace.
+    lambda rules: rules[3]["from"][0].update(namespaceSelector={"matchLabels": {"team": "platform"}}),
+    lambda rules: rules.append({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": "metrics"}]}),
+    lambda rules: rules.append({"from": [{"namespaceSelector": {"matchExpressions": [
+        {"key": NAMESPACE_LABEL, "operator": "NotIn", "values": ["kube-system"]}]}}],
+        "ports": [{"port": 8000, "endPort": 9000}]}),
+])
+def test_the_policy_check_catches_an_open_dashboard_or_metrics_port(objects, mutate):
+    broken = copy.deepcopy(objects)
+    (policy,) = [o for o in broken if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "llava-ray"]
+    mutate(policy["spec"]["ingress"])
+    assert unpinned_sources(broken)
+
+
+# --- Redis: its password and its memory -----------------------------------------------------------------------
+
+
+def redis_container(objects) -> dict:
+    (sts,) = [o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "llava-redis"]
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def secret_refs(c: dict) -> dict[str, tuple[str, str]]:
+    """Each environment variable a container takes from a Secret: (Secret, key)."""
+    return {e["name"]: (ref["name"], ref["key"]) for e in c.get("env", [])
+            if (ref := (e.get("valueFrom") or {}).get("secretKeyRef"))}
+
+
+def test_redis_takes_its_password_from_the_secret_and_only_the_ingress_pods_share_it(objects, rayservice, prod):
+    redis = redis_container(objects)
+    refs = secret_refs(redis)
+    assert refs["REDIS_PASSWORD"] == refs["REDISCLI_AUTH"]  # the server's and the readiness probe's
+    name, key = refs["REDIS_PASSWORD"]
+    # The base ships no password (an overlay supplies it, docs/kubernetes.md): nothing in clear in k8s/.
+    assert base64.b64decode(secret(objects, name)["data"][key]) == b""
+    script = redis["args"][-1]
+    assert redis["command"] == ["sh", "-c"] and '--requirepass "$REDIS_PASSWORD"' in script
+    assert '"$(redis-cli ping)" = PONG' in redis["readinessProbe"]["exec"]["command"][-1]  # NOAUTH is not ready
+    # The ingress replicas, the store's only clients, get the same one, under the name the store reads; the
+    # store's URL holds none.
+    groups = ray_groups(rayservice)
+    assert secret_refs(container(groups["cpu-ingress"]))[ENV_REDIS_PASSWORD] == (name, key)
+    assert all(ENV_REDIS_PASSWORD not in secret_refs(container(groups[g])) for g in ("head", "gpu-l40s"))
+    assert urlsplit(prod.store.redis_url).password is None
+    # No manifest sets a password in clear.
+    for o in objects:
+        for e in (e for c in _containers(o) for e in c.get("env", [])):
+            if e["name"] in ("REDIS_PASSWORD", "REDISCLI_AUTH", ENV_REDIS_PASSWORD):
+                assert "value" not in e, (o["metadata"]["name"], e["name"])
+
+
+def _containers(obj: dict) -> list[dict]:
+    if obj["kind"] == "RayService":
+        return [c for g in ray_groups(obj).values() for c in g["template"]["spec"]["containers"]]
+    if obj["kind"] in ("StatefulSet", "Job"):
+        return obj["spec"]["template"]["spec"]["containers"]
+    return []
+
+
+REDIS_UNITS = {"gb": 2**30}  # Redis' "gb" is 1024^3 bytes, like Kubernetes' "Gi"
+
+
+def start_redis(container: dict, password: str, tmp_path) -> tuple[subprocess.CompletedProcess, list[str] | None]:
+    """The Redis container's start script, run by the local sh with a redis-server that records its arguments."""
+    bin_dir, argv = tmp_path / "bin", tmp_path / "argv"
+    bin_dir.mkdir(exist_ok=True)
+    argv.unlink(missing_ok=True)
+    stub = bin_dir / "redis-server"
+    stub.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done > "$ARGV_FILE"\n')
+    stub.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "REDIS_PASSWORD": password, "ARGV_FILE": str(argv)}
+    res = subprocess.run([*container["command"], *container["args"]], env=env, capture_output=True, text=True,
+                         timeout=30)
+    return res, argv.read_text().split("\0")[:-1] if argv.exists() else None
+
+
+@pytest.mark.parametrize("password", ["", "too-short-15-ch"])
+def test_redis_never_starts_without_a_password(objects, tmp_path, password):
+    res, argv = start_redis(redis_container(objects), password, tmp_path)
+    assert res.returncode == 1 and argv is None
+    assert "llava-redis-auth" in res.stderr and "docs/kubernetes.md" in res.stderr
+
+
+def test_redis_starts_with_the_secrets_password_and_the_sized_memory(objects, tmp_path):
+    password = "a-long $(random) \"password\" `with` 'quotes' & spaces"
+    res, argv = start_redis(redis_container(objects), password, tmp_path)
+    assert res.returncode == 0, res.stderr
+    flags = dict(zip(argv[::2], argv[1::2]))
+    assert len(argv) == 2 * len(flags)  # every flag with its value
+    assert flags["--requirepass"] == password  # verbatim: no shell expansion, no splitting
+    assert flags["--appendonly"] == "yes" and flags["--dir"] == "/data"
+    # docs/bounds.md, "The job store" (sizing Redis): maxmemory 2gb, refusing writes when full (the store answers
+    # 503), and the container's memory at twice that, for the append-only file's rewrite (a fork).
+    assert flags["--maxmemory"] == "2gb" and flags["--maxmemory-policy"] == "noeviction"
+    resources = redis_container(objects)["resources"]
+    assert resources["limits"]["memory"] == resources["requests"]["memory"] == "4Gi"
+    assert 4 * 2**30 == 2 * REDIS_UNITS["gb"] * int(flags["--maxmemory"].removesuffix("gb"))
+    bounds = (ROOT / "docs/bounds.md").read_text()
+    assert "`maxmemory 2gb`" in bounds and "(4 GiB)" in bounds

@@ -18,12 +18,15 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 import stack as loadtest_stack  # noqa: E402
 
 ABUSER_KEY, VICTIM_KEY, FUZZ_KEY = "hostile-abuser-key-1", "hostile-victim-key-1", "hostile-fuzz-key-1"
+REVOKED_KEY = "hostile-revoked-key-1"  # removed from the keys file while the stack runs
 ABUSER_CONCURRENT = 2
 KEYS = [
     {"key": ABUSER_KEY, "name": "hostile-abuser", "rate_per_minute": 600, "max_concurrent": ABUSER_CONCURRENT},
     {"key": VICTIM_KEY, "name": "hostile-victim", "rate_per_minute": 600, "max_concurrent": 4},
     {"key": FUZZ_KEY, "name": "hostile-fuzz", "rate_per_minute": 100_000, "max_concurrent": 16},
+    {"key": REVOKED_KEY, "name": "hostile-revoked"},
 ]
+KEYS_RELOAD_S = 1.0
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +42,8 @@ def hostile_config(tiny_model_dir, tmp_path_factory, hostile_redis_url) -> Serve
     data = yaml.safe_load((CONFIGS / "local-cpu.yaml").read_text())
     data["model"]["source"] = str(tiny_model_dir)
     data["http"]["port"] = free_port()
-    data["auth"]["keys_file"] = str(keys_file)
+    data["auth"] = {"keys_file": str(keys_file), "reload_interval_s": KEYS_RELOAD_S}
+    data["telemetry"]["metrics_route"] = False  # as in production: no key names on the API port
     data["store"] = {"backend": "redis", "redis_url": hostile_redis_url}
     data["jobs"] = {"lease_s": 3.0, "reap_interval_s": 0.5}
     data["media"]["allow_networks"] = ["127.0.0.1/32"]

@@ -18,10 +18,11 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+import yaml
 from PIL import Image
 
 from tests.conftest import data_uri
-from tests.hostile.conftest import ABUSER_CONCURRENT, ABUSER_KEY, VICTIM_KEY
+from tests.hostile.conftest import ABUSER_CONCURRENT, ABUSER_KEY, KEYS, KEYS_RELOAD_S, REVOKED_KEY, VICTIM_KEY
 from tests.integration.conftest import exchange
 
 APP = "/fal-ai/llavav15-13b"
@@ -315,3 +316,65 @@ def test_webhook_receivers_that_never_finish_are_cut_off(stack, hostile_config, 
     for name, (sent, seconds) in closed.items():
         report_cost(f"hostile webhooks: {name} receiver cut off after {seconds:.1f} s, {sent} bytes written "
                     f"(webhooks.timeout_s {hostile_config.webhooks.timeout_s:g})")
+
+
+# -- operators' side ---------------------------------------------------------------------------------------
+
+
+def _write_keys(path, text: str) -> None:
+    """Replace the keys file at once, as the kubelet swaps a Secret's files: a reader never sees half of it."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _refused_everywhere(base: str, key: str) -> bool:
+    fal = requests.post(f"{base}{APP}", json={"prompt": "Hi", "image_url": SMALL, "max_new_tokens": 1},
+                        headers={"Authorization": f"Key {key}"}, timeout=30)
+    each = requests.get(f"{base}/v1/prediction/nope", headers={"X-API-Key": key}, timeout=10)
+    oai = requests.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    return [fal.status_code, each.status_code, oai.status_code] == [401, 401, 401]
+
+
+def test_a_key_removed_from_the_keys_file_stops_working_and_a_bad_file_keeps_the_keys(stack, hostile_config,
+                                                                                      report_cost):
+    path = hostile_config.auth.keys_file
+    original = path.read_text()
+    assert not _refused_everywhere(stack, REVOKED_KEY)
+    try:
+        _write_keys(path, yaml.safe_dump([k for k in KEYS if k["key"] != REVOKED_KEY]))
+        removed = time.monotonic()
+        while not _refused_everywhere(stack, REVOKED_KEY):
+            assert time.monotonic() - removed < KEYS_RELOAD_S + 10, "the removed key still works"
+            time.sleep(0.2)
+        took = time.monotonic() - removed
+        victim_run(stack)  # the keys still in the file work throughout
+        # A file that does not validate (a duplicate key) is not loaded: the keys before it stay.
+        _write_keys(path, yaml.safe_dump([*KEYS, {"key": VICTIM_KEY, "name": "impostor"}]))
+        time.sleep(KEYS_RELOAD_S + 0.5)
+        victim_run(stack)
+        assert _refused_everywhere(stack, REVOKED_KEY)
+    finally:
+        _write_keys(path, original)
+    report_cost(f"hostile keys: a removed key refused by every API {took:.1f} s after the file changed "
+                f"(auth.reload_interval_s {KEYS_RELOAD_S:g})")
+
+
+def test_a_flood_of_readiness_probes_costs_others_little(stack, baseline, report_cost):
+    codes: list[int] = []
+
+    def probe(stop):
+        with requests.Session() as s:
+            while not stop.is_set():
+                codes.append(s.get(f"{stack}/readyz", timeout=10).status_code)
+
+    with abusing(probe, threads=8):
+        time.sleep(1)
+        compare(report_cost, "readiness probes", stack, baseline)
+    report_cost(f"hostile probes: {len(codes)} /readyz answered meanwhile, all 200: {set(codes) == {200}}")
+    assert set(codes) == {200}
+
+
+def test_metrics_are_not_on_the_api_port(stack):
+    """Their series name every key (docs/operations.md): production serves them on the Ray pods' port only."""
+    assert requests.get(f"{stack}/metrics", timeout=10).status_code == 404

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import uuid
@@ -67,6 +68,9 @@ def test_prompt_longer_than_the_context_is_a_422(stack):
     assert resp.status_code == 422, resp.text
     item = resp.json()["detail"][0]
     assert item["loc"] == ["body", "prompt"] and "4096" in item["msg"]
+    # In plain words, not the engine replica's traceback as Ray wraps it (pids, addresses, file paths, ANSI).
+    assert item["msg"].startswith("The prompt is ") and "context is 4096 tokens" in item["msg"], item["msg"]
+    assert not re.search(r"ray::|pid=|Traceback|\.py|\x1b\[|max_model_len", resp.text), resp.text
 
 
 def test_concurrent_requests_are_batched(stack, engine_stats):

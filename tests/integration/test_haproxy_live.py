@@ -34,11 +34,13 @@ def haproxy_stack(tiny_model_dir, tmp_path_factory):
     data = yaml.safe_load((CONFIGS / "local-cpu.yaml").read_text())
     data["model"]["source"] = str(tiny_model_dir)
     data["http"]["proxy"] = "haproxy"
+    port = free_port()
+    data["http"]["public_base_url"] = f"http://127.0.0.1:{port}"  # required with haproxy: where clients reach it
     config = work / "haproxy.yaml"
     config.write_text(yaml.safe_dump(data))
     assert parse_config(data, CONFIGS, env={}).http.proxy == "haproxy"
     with open(work / "server.log", "w") as log, \
-            loadtest_stack.llava_serve(config, free_port(), CONFIGS / "keys.local.yaml", log=log) as url:
+            loadtest_stack.llava_serve(config, port, CONFIGS / "keys.local.yaml", log=log) as url:
         yield url
 
 

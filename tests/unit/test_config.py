@@ -90,6 +90,73 @@ def test_only_the_haproxy_ingress_changes_rays_environment():
 
     data = _raw()
     assert ray_env(parse_config(data, CONFIGS, env={})) == {}  # Serve's own proxy: Ray's defaults
-    data["http"]["proxy"] = "haproxy"
+    data["http"].update(proxy="haproxy", public_base_url="https://llava.example.com")
     env = ray_env(parse_config(data, CONFIGS, env={}))
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+
+
+# --- http.public_base_url ----------------------------------------------------------------------------------
+
+
+def _http_errors(**http) -> list[str]:
+    data = _raw()
+    data["http"].update(http)
+    try:
+        parse_config(data, CONFIGS, env={})
+    except ConfigError as exc:
+        return exc.errors
+    return []
+
+
+def test_haproxy_requires_a_public_base_url():
+    # TLS ends in front of HAProxy: without it, answers would point clients (and their keys) at http://.
+    (error,) = _http_errors(proxy="haproxy")
+    assert error.startswith("http: Value error, public_base_url is required with proxy: haproxy")
+    assert "https://llava.example.com" in error  # says what to set
+    assert _http_errors(proxy="haproxy", public_base_url=None) == [error]
+    assert _http_errors(proxy="haproxy", public_base_url="https://llava.example.com") == []
+    assert _http_errors(proxy="serve") == []  # Serve's own proxy may derive URLs from each request
+
+
+@pytest.mark.parametrize("url", [
+    "https://llava.example.com",
+    "https://llava.example.com/",
+    "https://api.example.com/llava/",  # behind a path prefix
+    "http://127.0.0.1:8000",  # a private address, and plain http, are the operator's call
+    "https://[2001:db8::1]:8443",
+])
+def test_public_base_url_takes_absolute_http_urls_verbatim(url):
+    data = _raw()
+    data["http"].update(proxy="haproxy", public_base_url=url)
+    assert parse_config(data, CONFIGS, env={}).http.public_base_url == url
+
+
+@pytest.mark.parametrize("url, why", [
+    ("llava.example.com", "absolute"),
+    ("/v1", "absolute"),
+    ("", "absolute"),
+    ("https://", "absolute"),
+    ("https:///path", "absolute"),
+    ("ftp://llava.example.com", "absolute"),
+    ("javascript:alert(1)", "absolute"),
+    ("https://llava.example.com:port", "absolute"),
+    ("https://llava.example.com:99999", "absolute"),
+    ("https://user:secret@llava.example.com", "credentials"),
+    ("https://user@llava.example.com", "credentials"),
+    ("https://llava.example.com/?key=1", "credentials, a query"),
+    ("https://llava.example.com/#top", "credentials, a query or a fragment"),
+])
+@pytest.mark.parametrize("proxy", ["serve", "haproxy"])
+def test_public_base_url_must_be_an_absolute_http_url(url, why, proxy):
+    (error,) = _http_errors(proxy=proxy, public_base_url=url)
+    assert error.startswith("http.public_base_url: Value error, public_base_url must"), error
+    assert why in error
+    if why == "absolute":
+        assert "absolute http(s) URL, e.g. https://llava.example.com" in error
+
+
+def test_the_shipped_production_config_sets_https_base_urls():
+    prod = load_config(CONFIGS / "llava-1.5-13b-l40s.yaml", env={})
+    assert prod.http.proxy == "haproxy"
+    assert prod.http.public_base_url.startswith("https://")
+    assert prod.fal.queue_base_url is None  # fal's queue URLs follow the public base URL (docs/api.md §2.5.1)

@@ -6,6 +6,7 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
+from serve.api.chat import RESERVED
 from serve.api.eachlabs.serving import EachlabsExecutor
 from serve.api.fal.serving import FalExecutor
 from serve.config import JobsConfig
@@ -141,7 +142,8 @@ def test_malformed_bodies_unknown_paths_and_ids():
 
 @pytest.mark.parametrize("change, code", [({"image": "data:image/png;base64,aGVsbG8="}, "INPUT_VALIDATION_ERROR"),
                                           ({"image": "http://127.0.0.1:1/x.png"}, "INPUT_DOWNLOAD_ERROR"),
-                                          ({"prompt": "a second <image> here"}, "INPUT_VALIDATION_ERROR")])
+                                          *[({"prompt": f"a {marker} here"}, "INPUT_VALIDATION_ERROR")
+                                            for marker in RESERVED]])
 def test_failed_predictions_are_200_with_an_error_output(change, code):
     with client_for(FakeEngine()) as client:
         done = wait(client, create(client, input={**DOC_INPUT, **change}).json()["predictionID"])

@@ -100,6 +100,17 @@ def test_configured_queue_base_url_wins():
     assert got["response_url"] == f"https://llava.example.com/q{APP}/requests/{got['request_id']}"
 
 
+def test_the_public_base_url_gives_the_queue_urls_behind_a_tls_proxy():
+    """The replicas see http:// behind the cluster's ingress: the URLs fal's client follows (with its key) must
+    be the public https ones (docs/api.md §2.5.1)."""
+    from serve.config import HttpConfig
+
+    http = HttpConfig(public_base_url="https://llava.example.com/", proxy="haproxy")
+    with client_for(runner=False, http=http) as client:
+        got = submit(client, headers={**AUTH, "Host": "queue.internal:8000"})
+    assert got["status_url"] == f"https://llava.example.com/queue{APP}/requests/{got['request_id']}/status"
+
+
 def test_same_path_without_queue_marker_runs_synchronously():
     with client_for(runner=False) as client:
         resp = client.post(APP, json=body(), headers=AUTH)

@@ -198,7 +198,10 @@ def test_unknown_app_is_404_and_wrong_method_405(client):
 
 def test_health_and_readiness():
     engine = FakeEngine(healthy=False)
-    client = client_for(engine)
+    services = make_services(engine)
+    ingress = services.config.ingress.model_copy(update={"readiness_cache_s": 0})  # every probe checks
+    services.config = services.config.model_copy(update={"ingress": ingress})
+    client = TestClient(create_app(services))
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 503
     engine.healthy = True

@@ -65,6 +65,22 @@ def test_the_replicas_own_errors_pass_through():
         asyncio.run(drain(HandleEngine(FakeHandle(FakeResponse([], EngineInputError("too long"))))))
 
 
+def test_the_replicas_errors_arrive_in_its_words_without_rays_traceback():
+    """Ray raises a replica's exception as a RayTaskError whose text is the remote traceback (pid, address,
+    file paths); what reaches a client is the replica's own message."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        raise EngineInputError("The prompt is 5000 tokens")
+    except EngineInputError as cause:
+        wrapped = RayTaskError("generate", "Traceback ... pid=123, ip=10.0.0.1 /app/serve/x.py", cause)
+    remote = wrapped.as_instanceof_cause()
+    assert "pid=" in str(remote)  # what the client used to see
+    with pytest.raises(EngineInputError) as got:
+        asyncio.run(drain(HandleEngine(FakeHandle(FakeResponse([], remote)))))
+    assert str(got.value) == "The prompt is 5000 tokens" and not isinstance(got.value, RayTaskError)
+
+
 def test_stopping_early_cancels_the_call():
     response = FakeResponse(ITEMS)
 

@@ -113,6 +113,11 @@ def test_text_formatter_writes_one_readable_line_per_request(client, caplog):
     ok, denied = (TextFormatter().format(r) for r in caplog.records if r.name == "llava_serve.access")
     assert re.fullmatch(r"\d\d:\d\d:\d\d 200 POST /fal-ai/llavav15-13b fal run key=local-dev \d+ ms", ok), ok
     assert re.fullmatch(r"\d\d:\d\d:\d\d 401 POST /fal-ai/llavav15-13b fal run key=- \d+ ms", denied), denied
+    # A client's %0a in the path stays on its own line: it cannot forge another.
+    caplog.clear()
+    client.get("/fal-ai/llavav15-13b/requests/x%0a12:00:00 200 POST forged/status", headers=AUTH)
+    (forged,) = (TextFormatter().format(r) for r in caplog.records if r.name == "llava_serve.access")
+    assert "\n" not in forged and "x\\n12:00:00" in forged, forged
     try:
         raise ValueError("boom")
     except ValueError:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from serve.api.chat import single_turn
 from serve.api.eachlabs.errors import error_output
@@ -13,6 +14,7 @@ from serve.engine.types import GenerationRequest
 from serve.jobs.models import Job, JobStatus
 
 MODEL = "llava-13b"
+_HEADER_VALUE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 
 
 def _integral(value: Any) -> Any:
@@ -27,9 +29,10 @@ def _integral(value: Any) -> Any:
 
 
 class LlavaInput(BaseModel):
-    """Replicate llava-13b's inputs: names, defaults and ranges; numbers may come as strings."""
+    """Replicate llava-13b's inputs: names, defaults and ranges; numbers may come as strings, finite ones
+    ("NaN" and "Infinity" are refused as JSON's NaN is: docs/api.md §1.4)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     image: str = Field(description="http(s) URL or data: URI of the image.")
     prompt: str = Field(description="The question or instruction about the image.")
@@ -48,6 +51,15 @@ class CreatePrediction(BaseModel):
     input: dict[str, Any] | None = None
     webhook_url: str | None = None
     webhook_secret: str | None = None
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _header_value(cls, value: str | None) -> str | None:
+        # Sent verbatim as X-Webhook-Secret (docs/api.md §3.8): one an HTTP client can send, else refused now
+        # rather than every delivery failing later.
+        if value and not _HEADER_VALUE.fullmatch(value):
+            raise ValueError("webhook_secret must be printable ASCII, without leading or trailing spaces")
+        return value
 
 
 STATUSES = {

@@ -9,6 +9,7 @@ from serve.api.context import api_name, context, operation
 from serve.api.eachlabs import serving
 from serve.api.eachlabs.errors import ANSWERS, error
 from serve.api.errors import shaped_errors
+from serve.api.paths import ANY_PATH
 from serve.api.services import Services, get_services
 from serve.auth import Caller, credentials
 
@@ -70,7 +71,10 @@ async def cancel(
     return await serving.cancel(services, context(request), caller, prediction_id)
 
 
-@router.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+# Every other path and method under /v1/ (docs/api.md §1.2), in Eachlabs' shape; a CORS preflight never gets
+# here (the middleware answers it).
+@router.api_route(f"/v1/{{rest:{ANY_PATH}}}",
+                  methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE"],
                   dependencies=[Depends(operation("not_found"))])
 async def not_found(rest: str) -> Response:
     raise error(404, "Not found")

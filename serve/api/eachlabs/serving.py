@@ -7,13 +7,13 @@ limits and jobs. What is Eachlabs' here is only its shapes.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from fastapi import Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from serve.api.body import parse_json
 from serve.api.eachlabs.errors import error, error_output, invalid_input
 from serve.api.eachlabs.protocol import MODEL, CreatePrediction, LlavaInput, prediction, to_generation_request
 from serve.api.limits import rate_limit_headers
@@ -28,8 +28,8 @@ from serve.telemetry.access import RequestContext
 def parse_create(body: bytes) -> CreatePrediction:
     """The create body, checked now (an invalid input is refused, not a failed prediction later)."""
     try:
-        data = json.loads(body)
-    except ValueError:
+        data = parse_json(body)  # strict: what json.loads also takes (NaN, "\ud800") could not be read back
+    except ValidationError:
         raise error(400, "Invalid request body") from None
     if not isinstance(data, dict):
         raise error(400, "Invalid request body")
@@ -87,18 +87,17 @@ async def run(services: Services, ctx: RequestContext, caller: Caller, req: Crea
 
 
 async def get(services: Services, ctx: RequestContext, caller: Caller, prediction_id: str, base_url: str) -> Response:
-    ctx.request_id = prediction_id
-    read(services, ctx, caller)  # reads have their own budget, not the generation limits
-    job = await services.store.get(prediction_id, caller.name)
+    job = None
+    if read(services, ctx, caller, prediction_id):  # now the request's id; reads have a budget of their own
+        job = await services.store.get(prediction_id, caller.name)
     if job is None:
         raise error(404, "Prediction not found")
     return JSONResponse(prediction(job, base_url, services.config.eachlabs.price_per_second))
 
 
 async def cancel(services: Services, ctx: RequestContext, caller: Caller, prediction_id: str) -> Response:
-    ctx.request_id = prediction_id
-    read(services, ctx, caller)
-    outcome = await services.store.cancel(prediction_id, caller.name)
+    outcome = await services.store.cancel(prediction_id, caller.name) if read(services, ctx, caller, prediction_id) \
+        else CancelOutcome.NOT_FOUND
     if outcome == CancelOutcome.NOT_FOUND:
         raise error(404, "Prediction not found")
     if outcome == CancelOutcome.ALREADY_DONE:

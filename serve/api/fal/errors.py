@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from serve.api.errors import Answers, ApiError, render
 from serve.api.limits import rate_limit_headers, refusal_detail
-from serve.jobs.failures import problems
+from serve.jobs.failures import echo, problems
 from serve.jobs.models import FailureKind, JobError, Problem
 
 _DOCS = "https://docs.fal.ai/errors/#"
@@ -33,7 +33,9 @@ def _validation(found: list[Problem]) -> ApiError:
 
 
 def field_error(field: str, msg: str, error_type: str, value: Any, where: str = "body") -> ApiError:
-    return ApiError(422, {"detail": [_detail(Problem(loc=[field], msg=msg, type=error_type, input=value), where)]})
+    # The value as `echo` bounds it, as pydantic's are (`problems`): never a whole data: URI (§2.7).
+    problem = Problem(loc=[field], msg=msg, type=error_type, input=echo(value))
+    return ApiError(422, {"detail": [_detail(problem, where)]})
 
 
 def flat_error(status_code: int, detail: str, error_type: str | None = None, **headers: str) -> ApiError:

@@ -18,8 +18,9 @@ MAX_NEW_TOKENS = 2048
 
 
 class FalInput(BaseModel):
-    # fal apps are FastAPI models: unknown fields are ignored, numeric strings coerced (lax mode).
-    model_config = ConfigDict(extra="ignore")
+    # fal apps are FastAPI models: unknown fields are ignored, numeric strings coerced (lax mode); "NaN" and
+    # "inf" are no numbers here either (docs/api.md §1.4).
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: str = Field(description="The question or instruction about the image.")
     image_url: str = Field(description="http(s) URL or data: URI of the image.")

@@ -46,6 +46,9 @@ def queue_root(request: Request, services: Services) -> str:
     via = request.state.fal.via
     if via == "proxy":
         return "https://queue.fal.run/"  # the JS client ignores these URLs and rebuilds fal's own
+    public = services.config.http.public_base_url  # behind the production proxy: the https URL clients use
+    if public:
+        return public.rstrip("/") + "/queue/"
     base = str(request.base_url)
     return base if via == "host" else f"{base}queue/"
 

@@ -16,6 +16,7 @@ from fastapi import Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from serve.api.body import parse_json
 from serve.api.errors import ApiError, answer
 from serve.api.fal.errors import ANSWERS, field_error, flat_error, summary, validation_error
 from serve.api.fal.protocol import (
@@ -59,7 +60,7 @@ _CANCEL = {
 
 def parse(body: bytes) -> FalInput:
     try:
-        return FalInput.model_validate_json(body)
+        return FalInput.model_validate(parse_json(body))  # strict JSON: NaN, deep nesting... are 422s
     except ValidationError as exc:
         raise validation_error(exc) from None
 
@@ -155,9 +156,9 @@ async def submit(services: Services, ctx: RequestContext, caller: Caller, body: 
 
 
 async def _job(services: Services, ctx: RequestContext, caller: Caller, request_id: str, *, brief: bool) -> Job:
-    ctx.request_id = request_id  # the id on the response is the job's
-    read(services, ctx, caller)  # reads have their own budget, not the generation limits
-    job = await services.store.get(request_id, caller.name, brief=brief)
+    job = None
+    if read(services, ctx, caller, request_id):  # now the response's id; reads have a budget of their own
+        job = await services.store.get(request_id, caller.name, brief=brief)
     if job is None:
         raise flat_error(404, "Request not found")
     return job
@@ -209,9 +210,9 @@ async def result(services: Services, ctx: RequestContext, caller: Caller, reques
 
 
 async def cancel(services: Services, ctx: RequestContext, caller: Caller, request_id: str) -> Response:
-    ctx.request_id = request_id
-    read(services, ctx, caller)
-    code, state = _CANCEL[await services.store.cancel(request_id, caller.name)]
+    outcome = await services.store.cancel(request_id, caller.name) if read(services, ctx, caller, request_id) \
+        else CancelOutcome.NOT_FOUND
+    code, state = _CANCEL[outcome]
     return JSONResponse({"status": state}, status_code=code)
 
 

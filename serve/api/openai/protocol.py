@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from serve.api.chat import IMAGE_TOKEN, Turn, render
+from serve.api.chat import Turn, refusal, render, reserved_in
 from serve.api.openai.errors import invalid
 from serve.api.translate import generation_request
 from serve.engine.types import Completion, GenerationRequest
@@ -171,9 +171,8 @@ def conversation(req: ChatRequest) -> Conversation:
                     # Refused here, before the limits: a malformed request costs no quota.
                     raise invalid("image_url.url must be an http(s) URL or a data: URI.", image_param,
                                   "invalid_image_url")
-            elif IMAGE_TOKEN in part.text:
-                raise invalid(f"Text may not contain the image placeholder {IMAGE_TOKEN}; send images as "
-                              "image_url parts.", where)
+            elif (marker := reserved_in(part.text)) is not None:
+                raise invalid(refusal(marker), where)
             else:
                 texts.append(part.text)
         turns.append(Turn(msg.role, tuple(texts), images))

@@ -9,6 +9,7 @@ from serve.api.context import api_name, context, operation
 from serve.api.errors import shaped_errors
 from serve.api.openai import serving
 from serve.api.openai.errors import ANSWERS, error
+from serve.api.paths import ANY_PATH
 from serve.api.services import Services, get_services
 from serve.auth import Caller, credentials
 
@@ -46,6 +47,7 @@ async def models(services: Services = Depends(get_services)) -> Response:
     return serving.models(services)
 
 
-@router.get("/v1/models/{model_id:path}", dependencies=[Depends(operation("model")), Depends(openai_caller)])
+@router.get(f"/v1/models/{{model_id:{ANY_PATH}}}",
+            dependencies=[Depends(operation("model")), Depends(openai_caller)])
 async def model(model_id: str, services: Services = Depends(get_services)) -> Response:
     return serving.model(services, model_id)

@@ -14,6 +14,7 @@ from fastapi import Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from serve.api.body import parse_json
 from serve.api.errors import ApiError, answer
 from serve.api.limits import rate_limit_headers
 from serve.api.openai.errors import ANSWERS, invalid_request, model_not_found
@@ -39,7 +40,7 @@ DONE = b"data: [DONE]\n\n"
 def parse(services: Services, body: bytes) -> tuple[ChatRequest, Conversation]:
     """The request, checked before it costs any quota: schema, model, what LLaVA-1.5 can do."""
     try:
-        req = ChatRequest.model_validate_json(body)
+        req = ChatRequest.model_validate(parse_json(body))
     except ValidationError as exc:
         raise invalid_request(exc) from None
     _served(services, req.model)
