@@ -340,8 +340,10 @@ class MediaConfig(_Strict):
 
 class JobsConfig(_Strict):
     lease_s: float = Field(
-        30.0, gt=0, description="How long a running job or sync request holds its concurrency slot without a "
-        "heartbeat (sent every third of it); work of a replica that died is recovered after this."
+        12.0, gt=0, description="How long a running job or sync request holds its concurrency slot without a "
+        "heartbeat (sent every third of it): the slots and jobs of a replica that died are free again within "
+        "this plus reap_interval_s. Through a store outage longer than this, running work stops and its job is "
+        "re-queued (a finished one's outcome is kept and recorded once the store answers: docs/faults.md)."
     )
     max_attempts: int = Field(2, ge=1, description="Runs of a job whose runner died: 2 = re-queued once, then failed.")
     runner_retry_s: float = Field(

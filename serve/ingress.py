@@ -49,7 +49,7 @@ def create_app(services: Services, runner: JobRunner | None = None) -> FastAPI:
         return {"status": "ok"}
 
     ingress = services.config.ingress
-    readiness = Readiness(services.engine, ingress.readiness_timeout_s, ingress.readiness_cache_s)
+    readiness = Readiness(services.engine, services.store, ingress.readiness_timeout_s, ingress.readiness_cache_s)
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
@@ -102,7 +102,7 @@ class Ingress:
     def __init__(self, cfg: ServeConfig, llm_handle):
         configure_logging(cfg.telemetry.log_level, cfg.telemetry.log_format)
         self._services = Services.build(cfg, HandleEngine(llm_handle), build_store(cfg))
-        # The replica's id is also its actor's name: a job's runner names the replica running it.
+        # The replica's id is also its actor's name: a job's runner ("<replica id>#<claim>") names the replica running it.
         self._runner_id = serve.get_replica_context().replica_id.to_full_id_str()
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from serve.jobs.models import (
+    REQUEUED,
     CancelOutcome,
     Job,
     JobError,
@@ -38,6 +39,7 @@ def job(owner="alice", cap=10, **kw) -> Job:
 
 RESULT = JobResult(chunks=["a", "b"], num_input_tokens=600, num_output_tokens=2, finish_reason="length")
 L = Limits(rate_per_minute=5, max_concurrent=2)
+ENGINE_LOST = JobError(kind="unavailable", message="The engine replica serving this request stopped.")
 IMAGE = "data:image/png;base64," + "A" * 200_000  # an image sent inline: what the stored-bytes bound is about
 
 
@@ -239,13 +241,14 @@ class StoreConformance:
         assert (await store.enqueue(with_image(job(cap=1)), limits, cap_pending=False)).reason == "stored"
 
     @pytest.mark.parametrize("end", ["succeeded", "failed", "cancelled_queued", "cancelled_running",
-                                     "worker_lost", "start_timeout_at_claim", "start_timeout_at_reap"])
+                                     "worker_lost", "engine_lost", "start_timeout_at_claim",
+                                     "start_timeout_at_reap"])
     async def test_stored_bytes_are_given_back_however_a_job_ends(self, store, clock, end):
         big = with_image(job(cap=1, start_timeout_s=5.0 if end.startswith("start_timeout") else None))
         limits = Limits(rate_per_minute=100, max_concurrent=1, max_stored_bytes=input_bytes(big.input))
         assert (await store.enqueue(big, limits, cap_pending=False)).allowed
         assert (await store.enqueue(with_image(job(cap=1)), limits, cap_pending=False)).reason == "stored"
-        if end in ("succeeded", "failed", "cancelled_running", "worker_lost"):
+        if end in ("succeeded", "failed", "cancelled_running", "worker_lost", "engine_lost"):
             assert (await store.claim("r1", LEASE)).id == big.id
         if end == "succeeded":
             assert await store.finish(big.id, "r1", result=RESULT)
@@ -256,6 +259,10 @@ class StoreConformance:
         elif end == "cancelled_running":
             assert await store.cancel(big.id, "alice") == CancelOutcome.REQUESTED
             assert await store.finish(big.id, "r1", error=JobError(kind="cancelled", message="Cancelled."))
+        elif end == "engine_lost":  # max_attempts 2: handed back, re-queued, handed back again
+            assert await store.requeue(big.id, "r1", ENGINE_LOST)
+            assert (await store.claim("r2", LEASE)).id == big.id
+            assert await store.requeue(big.id, "r2", ENGINE_LOST)
         elif end == "worker_lost":  # max_attempts 2: lost, re-queued, lost again
             for runner in ("r2", "r3"):
                 clock.advance(LEASE + 1)
@@ -386,18 +393,125 @@ class StoreConformance:
         assert (await store.admit("alice", limits, LEASE)).allowed  # and stays the only one in flight
         assert (await store.admit("alice", limits, LEASE)).reason == "concurrency"
 
-    async def test_a_late_heartbeat_loses_the_job(self, store, clock):
+    # -- a lapsed lease reap has not acted on (a store outage: the runner could not renew) ------------
+
+    async def test_a_lapsed_lease_not_yet_reaped_can_still_finish(self, store, clock):
+        j = job()
+        await store.enqueue(j, L, cap_pending=False)
+        await store.claim("r1", LEASE)
+        clock.advance(LEASE + 20)  # the store was down 20 s: no heartbeat got through
+        assert await store.finish(j.id, "r1", result=RESULT)  # the answer is kept, not generated again
+        done = await store.get(j.id, "alice")
+        assert done.status == JobStatus.SUCCEEDED and done.result == RESULT and done.attempts == 1
+        assert await store.reap() == 0
+        assert await store.claim("r2", LEASE) is None
+
+    async def test_a_lapsed_lease_that_was_reaped_is_lost(self, store, clock):
+        j = job()
+        await store.enqueue(j, L, cap_pending=False)
+        await store.claim("r1", LEASE)
+        clock.advance(LEASE + 20)
+        assert await store.reap() == 1  # the reaper got there first: the job is back in the queue
+        assert await store.heartbeat(j.id, "r1", LEASE) is False
+        assert await store.finish(j.id, "r1", result=RESULT) is False
+        queued = await store.get(j.id, "alice")
+        assert queued.status == JobStatus.QUEUED and queued.result is None and queued.queue_position == 0
+        assert (await store.claim("r2", LEASE)).id == j.id
+
+    async def test_a_late_heartbeat_keeps_the_job_and_takes_its_slot_again(self, store, clock):
+        capped = Limits(rate_per_minute=100, max_concurrent=1)
         j = job(cap=1)
         await store.enqueue(j, L, cap_pending=False)
         await store.claim("r1", LEASE)
         clock.advance(LEASE + 0.5)
-        assert (await store.admit("alice", Limits(rate_per_minute=100, max_concurrent=1), LEASE)).allowed
-        assert await store.heartbeat(j.id, "r1", LEASE) is False  # not re-taken on top of the new holder
-        assert (await store.admit("alice", Limits(rate_per_minute=100, max_concurrent=1), LEASE)).reason == "concurrency"
-        # The runner stops; its outcome is refused too (it is not cancelled), and reap re-queues the job.
-        assert await store.finish(j.id, "r1", error=JobError(kind="cancelled", message="Cancelled.")) is False
-        await store.reap()
+        assert (await store.admit("alice", capped, LEASE)).allowed  # the lapsed lease freed the slot
+        assert await store.heartbeat(j.id, "r1", LEASE)  # the job ran all along: it counts again
+        assert (await store.admit("alice", capped, LEASE)).reason == "concurrency"
+        clock.advance(LEASE - 1)
+        assert await store.reap() == 0  # renewed: nothing to recover
+        assert (await store.get(j.id, "alice")).status == JobStatus.RUNNING
+        assert await store.finish(j.id, "r1", result=RESULT)
+
+    # -- requeue: the engine failed under a running job ----------------------------------------------
+
+    async def test_requeue_puts_the_job_back_at_the_front_then_ends_it_with_the_error(self, store, clock):
+        j, later = job(cap=1, notify=True), job(cap=1)
+        await store.enqueue(j, L, cap_pending=False)
+        await store.claim("r1", LEASE)
+        await store.enqueue(later, L, cap_pending=False)
+        clock.advance(1)
+        assert await store.requeue(j.id, "r1", ENGINE_LOST)
+        requeued = await store.get(j.id, "alice")
+        assert requeued.status == JobStatus.QUEUED and requeued.queue_position == 0  # ahead of newer work
+        assert requeued.runner is None and requeued.lease_until is None and requeued.error is None
+        assert requeued.logs[-1].message == REQUEUED and requeued.logs[-1].timestamp == clock.now
+        assert await store.take_finished() == []  # not ended
+        assert await store.requeue(j.id, "r1", ENGINE_LOST) is False  # handed back once
+        assert await store.finish(j.id, "r1", result=RESULT) is False
+        again = await store.claim("r2", LEASE)
+        assert again.id == j.id and again.attempts == 2 and again.input == j.input
+        assert await store.requeue(j.id, "r1", ENGINE_LOST) is False  # not r1's any more
+        clock.advance(1)
+        assert await store.requeue(j.id, "r2", ENGINE_LOST)  # its last attempt: ended with the error
+        failed = await store.get(j.id, "alice")
+        assert failed.status == JobStatus.FAILED and failed.error == ENGINE_LOST and failed.result is None
+        assert failed.finished_at == clock.now and failed.expires_at == clock.now + TTL
+        assert failed.queue_position is None and failed.runner is None
+        assert [t.id for t in await store.take_finished()] == [j.id]  # announced as any end
+        assert (await store.claim("r3", LEASE)).id == later.id  # the slot was freed
+        assert await store.requeue(j.id, "r2", ENGINE_LOST) is False  # ended
+
+    async def test_requeue_of_a_job_asked_to_cancel_cancels_it(self, store):
+        j = job(notify=True)
+        await store.enqueue(j, L, cap_pending=False)
+        await store.claim("r1", LEASE)
+        assert await store.cancel(j.id, "alice") == CancelOutcome.REQUESTED
+        assert await store.requeue(j.id, "r1", ENGINE_LOST)
+        cancelled = await store.get(j.id, "alice")
+        assert cancelled.status == JobStatus.CANCELLED and cancelled.error.kind == "cancelled"
+        assert [t.id for t in await store.take_finished()] == [j.id]
+        assert await store.counts() == {"queued": 0, "running": 0}
+
+    async def test_requeue_changes_nothing_unless_the_job_runs_on_that_runner(self, store, clock):
+        queued, other, ended, reaped = job(), job(), job(), job()
+        for j in (ended, other, reaped, queued):
+            await store.enqueue(j, L, cap_pending=False)
+        for _ in range(3):
+            await store.claim("r1", LEASE)  # ended, other, reaped
+        assert await store.finish(ended.id, "r1", result=RESULT)
+        clock.advance(LEASE - 1)
+        assert await store.heartbeat(other.id, "r1", LEASE)
+        clock.advance(2)
+        assert await store.reap() == 1  # `reaped` is back in the queue, ahead of `queued`
+        cases = [(queued.id, "r1"), (other.id, "r2"), (ended.id, "r1"), (reaped.id, "r1"), ("no-such-id", "r1")]
+        before = [await store.get(j.id, "alice") for j in (queued, other, ended, reaped)]
+        for job_id, runner in cases:
+            assert await store.requeue(job_id, runner, ENGINE_LOST) is False, job_id
+        assert [await store.get(j.id, "alice") for j in (queued, other, ended, reaped)] == before
+        assert await store.counts() == {"queued": 2, "running": 1}
+
+    async def test_requeue_of_a_lapsed_lease_not_yet_reaped_is_what_reap_would_do(self, store, clock):
+        j = job()
+        await store.enqueue(j, L, cap_pending=False)
+        await store.claim("r1", LEASE)
+        clock.advance(LEASE + 5)
+        assert await store.requeue(j.id, "r1", ENGINE_LOST)
         assert (await store.get(j.id, "alice")).status == JobStatus.QUEUED
+        assert await store.reap() == 0  # nothing left for reap
+
+    async def test_requeue_wakes_waiting_runners(self, store):
+        capped = Limits(rate_per_minute=100, max_concurrent=1)
+        running, waiting = job(cap=1), job(cap=1)
+        await store.enqueue(running, capped, cap_pending=False)
+        await store.claim("r1", LEASE)
+        await store.enqueue(waiting, capped, cap_pending=False)  # waits for alice's slot
+        seen = await store.wait_for_work(-1, 5.0)
+        assert await store.claim("r2", LEASE) is None
+        waiter = asyncio.create_task(store.wait_for_work(seen, 10.0))
+        await asyncio.sleep(0.1)
+        assert await store.requeue(running.id, "r1", ENGINE_LOST)
+        assert await asyncio.wait_for(waiter, 5.0) != seen
+        assert (await store.claim("r2", LEASE)).id == running.id  # at the front, in the freed slot
 
     async def test_lost_jobs_go_back_in_accept_order_ahead_of_newer_work(self, store, clock):
         lost = [job(), job(), job()]

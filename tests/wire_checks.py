@@ -165,7 +165,12 @@ EACHLABS_TERMINAL = ("success", "error", "cancelled")
 
 
 def _read(client: httpx.Client, url: str, headers: dict[str, str], unavailable_ok: bool) -> httpx.Response:
-    """One read, checked; a 429 of the key's read budget (§4.2) is waited out as its Retry-After says."""
+    """One read, checked; a 429 of the key's read budget (§4.2) is waited out as its Retry-After says. A URL
+    the answer built from the Host the request claimed (a queue.* host, §2.5.1) is read from the client's own
+    server, with that Host."""
+    target = httpx.URL(url)
+    if target.is_absolute_url and target.host != client.base_url.host:
+        url, headers = target.raw_path.decode("ascii"), {**headers, "Host": target.netloc.decode("ascii")}
     while True:
         resp = client.get(url, headers=headers)
         assert_clean(resp, unavailable_ok=unavailable_ok)

@@ -56,19 +56,31 @@ class RequestContextMiddleware:
             return await self.app(scope, receive, send)
         ctx = RequestContext()
         scope.setdefault("state", {})["ctx"] = ctx
-        status, first_byte = 500, None
+        status, first_byte, complete, left = 500, None, False, False
 
         async def observe(message: Message) -> None:
-            nonlocal status, first_byte
+            nonlocal status, first_byte, complete
             if message["type"] == "http.response.start":
                 status, first_byte = message["status"], time.monotonic()
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
             await send(message)
 
+        async def listen() -> Message:
+            nonlocal left
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                left = True
+            return message
+
         try:
-            await self.app(scope, receive, observe)
+            await self.app(scope, listen, observe)
         except asyncio.CancelledError:
-            if first_byte is None:
-                status = 499  # the client left before an answer (nginx's code for it)
+            left = True
             raise
         finally:
+            if left and not complete:
+                # The client left before the whole answer (nginx's code for it): before any byte, or in the middle
+                # of a stream; recorded so, not as the status the answer began with (docs/operations.md).
+                status = 499
             access.record(ctx, scope["method"], scope["path"], status, first_byte, self.log_polls)

@@ -1,4 +1,4 @@
-"""Readiness, cached: /readyz is probed by every kubelet and load balancer, and may be flooded by anyone who
+"""Readiness (the engine and the job store), cached: /readyz is probed by every kubelet and load balancer, and may be flooded by anyone who
 reaches the port; one engine health check per `ingress.readiness_cache_s` answers them all (docs/operations.md)."""
 
 from __future__ import annotations
@@ -8,17 +8,26 @@ import time
 from typing import Callable
 
 from serve.engine.types import Engine
+from serve.jobs.store import JobStore
 
 
 class Readiness:
-    def __init__(self, engine: Engine, timeout_s: float, cache_s: float, clock: Callable[[], float] = time.monotonic):
-        self._engine, self._timeout_s, self._cache_s, self._clock = engine, timeout_s, cache_s, clock
+    """Ready: an engine replica runs and the job store answers (without it no generation is admitted:
+    docs/faults.md)."""
+
+    def __init__(self, engine: Engine, store: JobStore | None, timeout_s: float, cache_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self._engine, self._store, self._clock = engine, store, clock
+        self._timeout_s, self._cache_s = timeout_s, cache_s
         self._answer: tuple[float, str | None] | None = None  # (when, why not ready; None = ready)
         self._checking: asyncio.Task | None = None
 
     async def _check(self) -> str | None:
         try:
-            await asyncio.wait_for(self._engine.check_health(), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                await self._engine.check_health()
+                if self._store is not None:
+                    await self._store.counts()  # the cheapest read both stores have
         except Exception as exc:  # any failure to answer means not ready
             return type(exc).__name__
         finally:

@@ -20,7 +20,7 @@ def build_store(cfg: ServeConfig) -> JobStore:
                                prefix=f"llava-serve:{cfg.app_name}",
                                password=os.environ.get(ENV_REDIS_PASSWORD) or None)
     else:
-        # "v3": what the store keeps changed (per-key bounds, abridged inputs; docs/bounds.md); a detached actor of
-        # an earlier version that a long-lived cluster still holds must not be found by name (get_if_exists).
-        backend = RayActorBackend(f"{cfg.app_name}-jobstore-v3", cfg.store.result_ttl_s, cfg.jobs.max_attempts)
+        # "v4": what the store does changed (requeue: docs/faults.md; v3 kept per-key bounds); a detached actor of an
+        # earlier version that a long-lived cluster still holds must not be found by name (get_if_exists).
+        backend = RayActorBackend(f"{cfg.app_name}-jobstore-v4", cfg.store.result_ttl_s, cfg.jobs.max_attempts)
     return JobStore(backend)

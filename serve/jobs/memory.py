@@ -230,9 +230,10 @@ class MemoryStore:
         return job if job is not None and job.status == JobStatus.RUNNING and job.runner == runner else None
 
     async def heartbeat(self, job_id: str, runner: str, lease_s: float, now: float) -> bool:
+        # A lapsed lease reap has not acted on is still this runner's: only a reap takes a job away.
         job = self._running(job_id, runner)
-        if job is None or job.lease_until <= now:
-            return False  # a lapsed lease is lost even before reap notices: its slot may be taken
+        if job is None:
+            return False
         job.lease_until = now + lease_s
         self._slots.setdefault(job.owner, {})[job_id] = job.lease_until
         return not job.cancel_requested
@@ -245,10 +246,19 @@ class MemoryStore:
     async def finish(
         self, job_id: str, runner: str, result: JobResult | None, error: JobError | None, now: float
     ) -> bool:
+        # Still running here, even past its lease: nobody else can have it (a reap re-queues it and clears
+        # the runner), and an answer recorded after a store outage is not thrown away.
         job = self._running(job_id, runner)
-        if job is None or job.lease_until <= now:
-            return False  # the lease was lost (even if reap has not noticed): the job goes back to the queue
+        if job is None:
+            return False
         self._terminate(job, final_status(result, error), now, result=result, error=error)
+        return True
+
+    async def requeue(self, job_id: str, runner: str, error: JobError, now: float) -> bool:
+        job = self._running(job_id, runner)
+        if job is None:
+            return False
+        self._lose(job, error, now)
         return True
 
     async def cancel(self, job_id: str, owner: str, now: float) -> CancelOutcome:
@@ -270,21 +280,26 @@ class MemoryStore:
         for job in reversed(list(self._jobs.values())):
             if job.status == JobStatus.RUNNING and job.lease_until is not None and job.lease_until <= now:
                 changed += 1
-                self._slots.get(job.owner, {}).pop(job.id, None)
-                if job.cancel_requested:
-                    self._terminate(job, JobStatus.CANCELLED, now, error=CANCELLED)
-                elif job.attempts < self._max_attempts:
-                    job.status, job.runner, job.lease_until = JobStatus.QUEUED, None, None
-                    job.logs.append(LogLine(timestamp=now, message=REQUEUED))
-                    self._push(job, self._order[0] - 1 if self._order else 0.0)  # at the front
-                    self._announce()
-                else:
-                    self._terminate(job, JobStatus.FAILED, now, error=WORKER_LOST)
+                self._lose(job, WORKER_LOST, now)
             elif job.expires_at is not None and job.expires_at <= now:
                 changed += 1
                 del self._jobs[job.id]
         # After the loop, as in Redis: a job failed here is forgotten by a later pass, not this one.
         return changed + self._expire_unstarted(now)
+
+    def _lose(self, job: Job, error: JobError, now: float) -> None:
+        """A running job taken from its runner (reap, `requeue`): back to the front of the queue while it
+        has attempts left, else ended with `error`; cancelled instead if that was asked for."""
+        self._slots.get(job.owner, {}).pop(job.id, None)
+        if job.cancel_requested:
+            self._terminate(job, JobStatus.CANCELLED, now, error=CANCELLED)
+        elif job.attempts < self._max_attempts:
+            job.status, job.runner, job.lease_until = JobStatus.QUEUED, None, None
+            job.logs.append(LogLine(timestamp=now, message=REQUEUED))
+            self._push(job, self._order[0] - 1 if self._order else 0.0)  # at the front
+            self._announce()
+        else:
+            self._terminate(job, JobStatus.FAILED, now, error=error)
 
     def _terminate(self, job: Job, status: JobStatus, now: float, *, result=None, error=None) -> None:
         self._slots.get(job.owner, {}).pop(job.id, None)

@@ -42,7 +42,9 @@ script runs anyway, so jobs still start and end, and ending frees their inputs.
 During an upgrade, replicas of the previous version share this Redis: they queue jobs in `queue` alone,
 and end or claim jobs without touching `queue:<owner>`, `owners` or `inputs:<owner>`. So a claim skips an
 owner's first job that is no longer queued, `reap` rebuilds the owners' queues when their sizes and the
-queue's disagree, and an enqueue about to refuse for "stored" first drops the jobs that have ended.
+queue's disagree, and an enqueue about to refuse for "stored" first drops the jobs that have ended. Its reap
+re-queues a lapsed job as this one's does (status, runner), so a runner's late `finish` is refused after
+either version's reap; `requeue` puts a job back in `queue` and `queued:<owner>`, where it claims from.
 """
 
 from __future__ import annotations
@@ -310,6 +312,27 @@ local function terminate(id, status, now, ttl, result, err)
   announce()  -- its slot is free
 end
 
+-- MemoryStore._lose: a running job taken from its runner (reap, requeue). requeued: the LogLine JSON a
+-- re-queued job gets; err: the JSON error it ends with when no attempt is left.
+local function lose(id, now, ttl, max_attempts, requeued, err)
+  local job = key('job', id)
+  local owner, attempts, cancel = unpack(redis.call('HMGET', job, 'owner', 'attempts', 'cancel_requested'))
+  if cancel == 'true' then
+    terminate(id, 'cancelled', now, ttl, nil, CANCELLED)
+  elseif tonumber(attempts) < max_attempts then
+    redis.call('ZREM', key('slots', owner), id)
+    redis.call('ZREM', key('running'), id)
+    redis.call('HSET', job, 'status', 'queued')
+    redis.call('HDEL', job, 'runner', 'lease_until')
+    redis.call('RPUSH', key('logs', id), requeued)
+    local first = redis.call('ZRANGE', key('queue'), 0, 0, 'WITHSCORES')[2]
+    push(id, owner, first and tonumber(first) - 1 or 0)  -- at the front
+    announce()
+  else
+    terminate(id, 'failed', now, ttl, nil, err)
+  end
+end
+
 -- MemoryStore._expire_unstarted: fail the queued jobs not started by their deadline.
 local function expire_unstarted(now, ttl)
   local overdue = redis.call('ZRANGEBYSCORE', key('deadlines'), '-inf', now)
@@ -537,9 +560,8 @@ return false
     _HEARTBEAT = """
 local id, now = args.id, args.now
 if not running_by(id, args.runner) then return 0 end
+-- A lapsed lease reap has not acted on is still this runner's: only a reap takes a job away.
 local job, expiry = key('job', id), now + args.lease_s
--- A lapsed lease is lost even before reap notices: its slot may already be someone else's.
-if tonumber(redis.call('HGET', job, 'lease_until')) <= now then return 0 end
 redis.call('HSET', job, 'lease_until', expiry)
 redis.call('ZADD', key('running'), expiry, id)
 take_slot(redis.call('HGET', job, 'owner'), id, expiry, now)
@@ -561,9 +583,8 @@ if running_by(args.id, args.runner) then redis.call('RPUSH', key('logs', args.id
 
     _FINISH = """
 local id = args.id
+-- Even past its lease (MemoryStore.finish): nobody else can have it while it is running on this runner.
 if not running_by(id, args.runner) then return 0 end
--- A lapsed lease is lost even before reap notices: the job goes back to the queue, not to this outcome.
-if tonumber(redis.call('HGET', key('job', id), 'lease_until')) <= args.now then return 0 end
 terminate(id, args.status, args.now, args.ttl, args.result, args.error)
 return 1
 """
@@ -575,6 +596,19 @@ return 1
             self._FINISH, id=job_id, runner=runner, status=final_status(result, error).value, now=now,
             ttl=self._ttl, result=result.model_dump_json() if result is not None else None,
             error=error.model_dump_json() if error is not None else None))
+
+    # requeued: as reap's.
+    _REQUEUE = """
+if not running_by(args.id, args.runner) then return 0 end
+lose(args.id, args.now, args.ttl, args.max_attempts, args.requeued, args.error)
+return 1
+"""
+
+    async def requeue(self, job_id: str, runner: str, error: JobError, now: float) -> bool:
+        requeued = LogLine(timestamp=now, message=REQUEUED).model_dump_json()
+        return bool(await self._run(
+            self._REQUEUE, id=job_id, runner=runner, now=now, ttl=self._ttl, max_attempts=self._max_attempts,
+            requeued=requeued, error=error.model_dump_json()))
 
     _CANCEL = """
 local id, owner, now = args.id, args.owner, args.now
@@ -604,24 +638,7 @@ local lost = redis.call('ZRANGEBYSCORE', key('running'), '-inf', now)
 local seq = {}
 for _, id in ipairs(lost) do seq[id] = tonumber(redis.call('HGET', key('job', id), 'seq')) end
 table.sort(lost, function(a, b) return seq[a] > seq[b] end)
-for _, id in ipairs(lost) do
-  local job = key('job', id)
-  local owner, attempts, cancel = unpack(redis.call('HMGET', job, 'owner', 'attempts', 'cancel_requested'))
-  if cancel == 'true' then
-    terminate(id, 'cancelled', now, ttl, nil, CANCELLED)
-  elseif tonumber(attempts) < args.max_attempts then
-    redis.call('ZREM', key('slots', owner), id)
-    redis.call('ZREM', key('running'), id)
-    redis.call('HSET', job, 'status', 'queued')
-    redis.call('HDEL', job, 'runner', 'lease_until')
-    redis.call('RPUSH', key('logs', id), args.requeued)
-    local first = redis.call('ZRANGE', key('queue'), 0, 0, 'WITHSCORES')[2]
-    push(id, owner, first and tonumber(first) - 1 or 0)  -- at the front
-    announce()
-  else
-    terminate(id, 'failed', now, ttl, nil, WORKER_LOST)
-  end
-end
+for _, id in ipairs(lost) do lose(id, now, ttl, args.max_attempts, args.requeued, WORKER_LOST) end
 local expired = redis.call('ZRANGEBYSCORE', key('expiring'), '-inf', now)
 for _, id in ipairs(expired) do forget(id) end
 -- The owners' queues hold every queued job, unless a replica of the previous version queued or dequeued

@@ -8,6 +8,10 @@ it drains the store's outbox of ended jobs with `notify` set and hands each to i
 a lost worker, a start deadline), and each is handed to one runner only. A runner that records a
 job's outcome drains the outbox at once too, so a webhook does not wait for the next reap.
 
+Faults (docs/faults.md): a store call that fails is retried; a running job's work goes on through a store
+outage until its lease runs out unrenewed (then it stops and the job is re-queued), and its outcome is recorded
+once the store answers, never thrown away; a job whose engine died under it is re-queued (`requeue`).
+
 A replica that stops drains its runner (`stop`): it claims nothing more at once, lets the jobs it runs
 finish within a bound (their heartbeats go on, so their leases hold), and abandons what is still running
 then to its lease; queued jobs stay in the store for the next replica.
@@ -17,12 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import time
 from typing import Awaitable, Callable, Protocol
 
 from serve.config import JobsConfig
+from serve.engine.types import EngineUnavailable
 from serve.jobs.failures import classify
-from serve.jobs.models import CANCELLED, Job, JobResult
+from serve.jobs.models import CANCELLED, FailureKind, Job, JobError, JobResult, StoreUnavailable
 from serve.jobs.store import JobStore
 from serve.telemetry.metrics import metrics
 
@@ -61,6 +68,29 @@ def drain_budget_s(graceful_shutdown_timeout_s: float) -> float:
     return max(0.0, graceful_shutdown_timeout_s - SERVE_DRAIN_LOOP_S - DRAIN_MARGIN_S)
 
 
+ENGINE_LOST = "The model's engine stopped while running this request, each time it was tried; please retry."
+STORE_LOST = "The job store could not be reached while running this request, each time it was tried; please retry."
+
+
+class Outage:
+    """The store's availability as this runner sees it: one log line when it becomes unavailable and one when
+    it is back, not one per failed call (a runner retries every runner_retry_s)."""
+
+    def __init__(self, runner_id: str):
+        self._runner_id, self._since = runner_id, None
+
+    def began(self, exc: BaseException) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
+            log.warning("job runner %s: job store unavailable (%s); retrying", self._runner_id, exc)
+
+    def ended(self) -> None:
+        if self._since is not None:
+            log.warning("job runner %s: job store available again after %.1f s", self._runner_id,
+                        time.monotonic() - self._since)
+            self._since = None
+
+
 class JobRunner:
     def __init__(self, store: JobStore, runner_id: str, executors: dict[str, Executor], cfg: JobsConfig):
         self._store = store
@@ -72,6 +102,8 @@ class JobRunner:
         self._freed = asyncio.Event()  # a job's work ended: capacity to claim again, whatever the store says
         self._loop_task: asyncio.Task | None = None
         self._stopping = asyncio.Event()
+        self._outage = Outage(runner_id)
+        self._claims = itertools.count(1)
 
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
@@ -120,18 +152,27 @@ class JobRunner:
                     metrics().job_counts(**await self._store.counts())
                 self._freed.clear()
                 if len(self._working) < self._cfg.runner_max_parallel and not self._stopping.is_set():
-                    job = await self._store.claim(self._id, self._cfg.lease_s)
+                    # One name per claim ("<replica>#<n>"): a call retried through an outage about one run of a
+                    # job can never act on a later run of the same job by this runner (docs/faults.md).
+                    run = f"{self._id}#{next(self._claims)}"
+                    job = await self._store.claim(run, self._cfg.lease_s)
                     if job is not None:
                         self._working.add(job.id)
-                        self._active[job.id] = loop.create_task(self._run(job))
+                        self._active[job.id] = loop.create_task(self._run(job, run))
                         continue  # there may be more work: claim again at once (unless stopping)
                 # Idle, or full: sleep until the store says work may be claimable (a job queued, a slot
                 # freed), one of our jobs ends its work, the next reap, or the stop; no polling meanwhile.
                 seen = await self._idle(seen, max(0.0, next_reap - loop.time()))
-            except Exception:
-                log.exception("job runner: store unavailable; retrying")
+            except StoreUnavailable as exc:
+                self._outage.began(exc)
                 with contextlib.suppress(asyncio.TimeoutError):  # or end at once when stopping
                     await asyncio.wait_for(self._stopping.wait(), self._cfg.runner_retry_s)
+            except Exception:
+                log.exception("job runner: unexpected failure; retrying")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self._cfg.runner_retry_s)
+            else:
+                self._outage.ended()
 
     async def _idle(self, seen: int, timeout_s: float) -> int:
         waiting = asyncio.ensure_future(self._store.wait_for_work(seen, timeout_s))
@@ -153,28 +194,57 @@ class JobRunner:
                         self._executors[job.api].finished(job)
                     except Exception:  # one API's failure must not cost the others their webhooks
                         log.exception("job runner: announcing the end of %s failed", job.id)
+        except StoreUnavailable as exc:
+            self._outage.began(exc)  # announced at the next reap
         except Exception:
-            log.exception("job runner: store unavailable; announcing at the next reap")
+            log.exception("job runner: announcing failed; announcing at the next reap")
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, run: str) -> None:
+        """Run a job claimed as `run` (this runner's name for the claim), and record how it ended."""
         executor = self._executors[job.api]
         if job.attempts == 1 and job.started_at is not None:
             metrics().queue_wait(job.api, job.started_at - job.created_at)
-        work = asyncio.create_task(executor.run(job, lambda msg: self._store.log(job.id, self._id, msg)))
+        work = asyncio.create_task(executor.run(job, lambda msg: self._log(job.id, run, msg)))
+        loop = asyncio.get_running_loop()
+        held_until = loop.time() + self._cfg.lease_s  # our lease as we last renewed it
+        lapsed = False  # the work was stopped because the lease ran out unrenewed (a store outage)
         try:
             while not work.done():
                 await asyncio.wait([work], timeout=self._cfg.lease_s / 3)
-                if not work.done() and not await self._store.heartbeat(job.id, self._id, self._cfg.lease_s):
-                    work.cancel()  # cancelled by its owner, or our lease is gone: stop the engine work
+                if work.done():
+                    break
+                try:
+                    if await self._store.heartbeat(job.id, run, self._cfg.lease_s):
+                        held_until = loop.time() + self._cfg.lease_s
+                        self._outage.ended()
+                    else:
+                        work.cancel()  # cancelled by its owner, or our lease is gone: stop the engine work
+                except StoreUnavailable as exc:
+                    # A blip: the work goes on while the lease may still hold. Past it another runner may
+                    # re-run the job, so the work stops rather than run twice (docs/faults.md).
+                    self._outage.began(exc)
+                    if loop.time() >= held_until:
+                        lapsed = True
+                        work.cancel()
             self._free(job.id)  # its capacity, now: not once the outcome is recorded
             try:
                 result, error = work.result(), None
             except asyncio.CancelledError:
+                if lapsed:  # not the owner's cancel: the job goes back to the queue, as a reap would send it
+                    await self._give_back(job, run, JobError(kind=FailureKind.STORE_UNAVAILABLE, message=STORE_LOST))
+                    return
                 result, error = None, CANCELLED
+            except EngineUnavailable as exc:
+                # The engine died under the job (docs/faults.md): back to the queue for the replacement, once;
+                # a job that loses its engine every time it runs fails with this error.
+                log.warning("job runner: the engine failed under %s (%s); handing it back to the queue", job.id, exc)
+                await self._give_back(job, run, JobError(kind=FailureKind.UNAVAILABLE, message=ENGINE_LOST))
+                return
             except Exception as exc:
                 result, error = None, classify(exc)  # each API renders it from its table when read
-            # Refused when the lease was lost: the job is re-queued, and whoever ends it queues it.
-            if await self._store.finish(job.id, self._id, result=result, error=error):
+            # Refused when the lease was lost: the job is re-queued, and whoever ends it queues it. Retried
+            # through a store outage: a finished generation is recorded, never thrown away and run again.
+            if await self._record(lambda: self._store.finish(job.id, run, result=result, error=error)):
                 await self._announce()  # now, not at the next reap: webhooks go as soon as jobs end
         except asyncio.CancelledError:
             # The replica is stopping and the drain is over: the lease expires and another runner takes over.
@@ -186,6 +256,33 @@ class JobRunner:
         finally:
             self._active.pop(job.id, None)
             self._free(job.id)
+
+    async def _give_back(self, job: Job, run: str, error: JobError) -> None:
+        """Re-queue a job this runner could not finish (its attempts allowing; else it fails with `error`)."""
+        if await self._record(lambda: self._store.requeue(job.id, run, error)):
+            await self._announce()
+
+    async def _log(self, job_id: str, run: str, message: str) -> None:
+        # A job's log line is not worth failing or holding up the job for: a store that does not take it soon
+        # (down, or frozen: calls then hang rather than fail) loses it, and the work goes on to its outcome.
+        try:
+            async with asyncio.timeout(self._cfg.lease_s / 3):
+                await self._store.log(job_id, run, message)
+        except (StoreUnavailable, TimeoutError) as exc:
+            self._outage.began(exc)
+
+    async def _record(self, call: Callable[[], Awaitable[bool]]) -> bool:
+        """A job's outcome into the store, retried while the store is unavailable (its answer says whether
+        the job was still ours). Only the replica's stop ends the retries: the job is then left to its lease."""
+        while True:
+            try:
+                done = await call()
+            except StoreUnavailable as exc:
+                self._outage.began(exc)
+                await asyncio.sleep(self._cfg.runner_retry_s)
+                continue
+            self._outage.ended()
+            return done
 
     def _free(self, job_id: str) -> None:
         if job_id in self._working:

@@ -57,7 +57,10 @@ class StoreBackend(Protocol):
         queue. Queued jobs past their start deadline are failed first, never claimed."""
 
     async def heartbeat(self, job_id: str, runner: str, lease_s: float, now: float) -> bool:
-        """Extend the lease; False when the runner must stop (lease lost, or cancellation requested)."""
+        """Extend the lease; False when the runner must stop (the job is no longer running on it: reaped,
+        ended; or cancellation requested). A lapsed lease that reap has not acted on yet is still this
+        runner's (only a reap takes a job away), so it is extended and its slot taken again, even if the
+        owner's cap was filled meanwhile: the job was running all along."""
 
     async def log(self, job_id: str, runner: str, message: str, now: float) -> None:
         """Append a log line to a job `runner` is running (otherwise nothing)."""
@@ -65,13 +68,22 @@ class StoreBackend(Protocol):
     async def finish(
         self, job_id: str, runner: str, result: JobResult | None, error: JobError | None, now: float
     ) -> bool:
-        """End a job with its runner's outcome; False when the runner's lease was lost."""
+        """End a job with its runner's outcome; False when the job is no longer running on `runner` (reaped,
+        re-queued, ended). A lapsed lease that reap has not acted on yet still counts: a runner that got its
+        answer through a store outage records it instead of having the job run again."""
+
+    async def requeue(self, job_id: str, runner: str, error: JobError, now: float) -> bool:
+        """Hand back a job `runner` is running but cannot finish (the engine failed under it): what reap does
+        to a lost lease, at once. Back to the front of the queue while it has attempts left, else ended with
+        `error` (cancelled instead when cancellation was requested); its slot is freed either way. False,
+        changing nothing, when the job is not running on `runner`."""
 
     async def cancel(self, job_id: str, owner: str, now: float) -> CancelOutcome: ...
 
     async def reap(self, now: float) -> int:
-        """Recover jobs whose runner stopped renewing (re-queued at the front once, then failed), fail
-        queued jobs past their start deadline and forget expired results. Returns how many jobs changed."""
+        """Recover jobs whose runner stopped renewing (each as `requeue` with WORKER_LOST: re-queued at the
+        front while attempts are left, then failed), fail queued jobs past their start deadline and forget
+        expired results. Returns how many jobs changed."""
 
     async def take_finished(self, limit: int, now: float) -> list[Job]:
         """Up to `limit` ended notify jobs, oldest end first, each handed out once; forgotten ones skipped."""
@@ -128,6 +140,9 @@ class JobStore:
         self, job_id: str, runner: str, *, result: JobResult | None = None, error: JobError | None = None
     ) -> bool:
         return await self._backend.finish(job_id, runner, result, error, self._clock())
+
+    async def requeue(self, job_id: str, runner: str, error: JobError) -> bool:
+        return await self._backend.requeue(job_id, runner, error, self._clock())
 
     async def cancel(self, job_id: str, owner: str) -> CancelOutcome:
         return await self._backend.cancel(job_id, owner, self._clock())

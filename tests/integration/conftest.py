@@ -109,6 +109,11 @@ def wait_for_abort(engine_stats, before: dict, timeout_s: float = 15.0) -> dict:
 JS_CLIENTS = ROOT / "tests" / "clients" / "js"
 
 
+def replica_of(job) -> str:
+    """The Serve replica (its actor's name) whose runner holds `job`: runners claim as "<replica id>#<claim>"."""
+    return job.runner.rsplit("#", 1)[0]
+
+
 def run_js(script: str, *args: str, env: dict[str, str]) -> dict:
     """Run a JS client script (tests/clients/js) with `env` added, and return its last `RESULT <json>` line."""
     proc = subprocess.run(["node", script, *args], cwd=JS_CLIENTS, env={**os.environ, **env}, capture_output=True,

@@ -24,6 +24,7 @@ from ray import serve
 from serve.app import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, build_app
 from serve.jobs.models import JobStatus
 from tests.conftest import LOCAL_KEY, data_uri
+from tests.integration.conftest import replica_of
 
 APP = "fal-ai/llavav15-13b"
 AUTH = {"Authorization": f"Key {LOCAL_KEY}"}
@@ -140,7 +141,7 @@ def test_a_replica_stopped_during_a_job_finishes_it_instead_of_leaving_it_to_be_
         assert status["status"] == "IN_QUEUE" and time.monotonic() < deadline, status
         time.sleep(0.05)
     running = asyncio.run(job_store.get(rid, "local-dev"))
-    assert running.status == JobStatus.RUNNING and running.runner in ingress_replicas(app)
+    assert running.status == JobStatus.RUNNING and replica_of(running) in ingress_replicas(app)
     time.sleep(0.3)  # into its generation, which a fast machine ends in about 2 s
 
     # Every replica is stopped at once (the runner's among them): the job is mid-generation.
@@ -152,7 +153,7 @@ def test_a_replica_stopped_during_a_job_finishes_it_instead_of_leaving_it_to_be_
             assert time.monotonic() < deadline, job
             time.sleep(0.1)
         deleting.result(timeout=120)
-    assert running.runner not in ingress_replicas(app)  # that replica is gone
+    assert replica_of(running) not in ingress_replicas(app)  # that replica is gone
 
     # Finished after Serve stopped the replica running it, and run once: by that replica (a recorded
     # outcome needs the lease of the runner that claimed it; a re-run would be a second attempt).

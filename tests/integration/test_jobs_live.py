@@ -10,7 +10,7 @@ import ray
 
 from serve.jobs.models import CancelOutcome, Job, JobStatus, Limits
 from tests.conftest import data_uri
-from tests.integration.conftest import wait_for_abort
+from tests.integration.conftest import replica_of, wait_for_abort
 
 LIMITS = Limits(rate_per_minute=100_000, max_concurrent=64)
 
@@ -60,7 +60,7 @@ def test_a_job_whose_replica_dies_is_recovered(job_store):
     job = submit(job_store, 1024)
     running = wait(job_store, job, {JobStatus.RUNNING})
     assert running.runner.startswith("SERVE_REPLICA::")
-    ray.kill(ray.get_actor(running.runner, namespace="serve"))  # the replica running it dies
+    ray.kill(ray.get_actor(replica_of(running), namespace="serve"))  # the replica running it dies
     done = wait(job_store, job, TERMINAL, timeout=90)
     # Re-queued once after its lease expired, then run to the end by a live replica.
     assert done.status == JobStatus.SUCCEEDED, done.error

@@ -109,7 +109,7 @@ async def test_an_unreachable_redis_is_store_unavailable():
 
 
 OPS = ["admit", "renew", "release", "enqueue", "enqueue", "get", "claim", "claim", "heartbeat", "log", "finish",
-       "cancel", "reap", "take_finished", "renotify", "counts", "wait_for_work"]
+       "requeue", "cancel", "reap", "take_finished", "renotify", "counts", "wait_for_work"]
 
 
 def random_call(rng: random.Random, now: float, slots: list[tuple[str, str]], jobs: list[str]) -> tuple[str, tuple]:
@@ -143,6 +143,7 @@ def random_call(rng: random.Random, now: float, slots: list[tuple[str, str]], jo
         "get": ("get", (job_id, owner, now, rng.random() < 0.5)), "cancel": ("cancel", (job_id, owner, now)),
         "claim": ("claim", (runner, lease, now)), "heartbeat": ("heartbeat", (job_id, runner, lease, now)),
         "log": ("log", (job_id, runner, f"line at {now}", now)),
+        "requeue": ("requeue", (job_id, runner, JobError(kind="unavailable", message="engine lost"), now)),
         "take_finished": ("take_finished", (rng.randint(1, 3), now)), "renotify": ("renotify", (job_id, now)),
         "counts": ("counts", (now,)),
         # Never equal to -1: answers the work counter at once, which must move alike in both stores.
@@ -252,6 +253,28 @@ async def test_a_redis_that_cannot_take_writes_is_unavailable_not_an_error(tmp_p
             await backend.aclose()
 
 
+async def test_a_redis_with_a_password_serves_the_store_that_has_it_and_refuses_one_without(tmp_path):
+    """Production's Redis requires AUTH (k8s/redis.yaml): the store authenticates with the password it was given
+    (LLAVA_SERVE_REDIS_PASSWORD, docs/kubernetes.md); a store without it gets StoreUnavailable (503), never a 500."""
+    import redis.asyncio as aioredis
+
+    secret = "a-long-random-secret-0123456789"
+    with loadtest_stack.redis_server(tmp_path) as url:
+        client = aioredis.from_url(url)
+        await client.config_set("requirepass", secret)
+        await client.aclose()
+        with_password = RedisBackend(url, 3600.0, max_attempts=2, password=secret)
+        without = RedisBackend(url, 3600.0, max_attempts=2)
+        limits = Limits(rate_per_minute=5, max_concurrent=1)
+        try:
+            assert (await JobStore(with_password, Clock()).enqueue(job(), limits, cap_pending=False)).allowed
+            with pytest.raises(StoreUnavailable):
+                await JobStore(without, Clock()).enqueue(job(), limits, cap_pending=False)
+        finally:
+            await with_password.aclose()
+            await without.aclose()
+
+
 async def test_jobs_queued_by_the_previous_version_are_read_abridged_and_claimed_after_a_reap(raw):
     """The previous version (a rolling upgrade shares Redis) queues a job in `queue` alone, with `head` (no
     input) and no `abridged`: reads abridge its body, and reap adopts it into its owner's queue."""
@@ -297,6 +320,46 @@ async def test_inputs_of_jobs_the_previous_version_ended_do_not_count(raw):
     await client.zrem(f"{prefix}:slots:alice", big.id)
     await client.zrem(f"{prefix}:running", big.id)
     assert (await store.enqueue(with_image(job(cap=1)), limits, cap_pending=False)).allowed
+
+
+async def test_a_job_the_previous_version_reaped_is_not_finished_by_its_old_runner(raw):
+    """finish and heartbeat accept a lapsed lease while the job still runs on the runner; the previous
+    version's reap re-queues it (status and runner, in `queue` alone) and that ends it for the runner."""
+    store, client, prefix = raw
+    j = job()
+    await store.enqueue(j, Limits(rate_per_minute=5, max_concurrent=1), cap_pending=False)
+    await store.claim("r1", LEASE)
+    # The previous version's reap of the lapsed lease.
+    key = f"{prefix}:job:{j.id}"
+    await client.zrem(f"{prefix}:slots:alice", j.id)
+    await client.zrem(f"{prefix}:running", j.id)
+    await client.hset(key, "status", "queued")
+    await client.hdel(key, "runner", "lease_until")
+    await client.zadd(f"{prefix}:queue", {j.id: -1})
+    await client.sadd(f"{prefix}:queued:alice", j.id)
+    assert await store.finish(j.id, "r1", result=RESULT) is False
+    assert await store.heartbeat(j.id, "r1", LEASE) is False
+    assert await store.requeue(j.id, "r1", JobError(kind="unavailable", message="engine lost")) is False
+    await store.reap()  # adopted into alice's queue
+    again = await store.claim("r2", LEASE)
+    assert again.id == j.id and again.attempts == 2
+
+
+async def test_a_job_requeue_put_back_is_queued_where_the_previous_version_claims(raw):
+    """The previous version claims from `queue` and counts `queued:<owner>`: requeue puts the job in both,
+    first, as reap does."""
+    store, client, prefix = raw
+    j, later = job(), job()
+    await store.enqueue(j, Limits(rate_per_minute=5, max_concurrent=2), cap_pending=False)
+    await store.claim("r1", LEASE)
+    await store.enqueue(later, Limits(rate_per_minute=5, max_concurrent=2), cap_pending=False)
+    assert await store.requeue(j.id, "r1", JobError(kind="unavailable", message="engine lost"))
+    assert [m.decode() for m in await client.zrange(f"{prefix}:queue", 0, -1)] == [j.id, later.id]
+    assert await client.sismember(f"{prefix}:queued:alice", j.id)
+    assert await client.hget(f"{prefix}:job:{j.id}", "status") == b"queued"
+    assert not await client.hexists(f"{prefix}:job:{j.id}", "runner")
+    assert await client.zscore(f"{prefix}:running", j.id) is None
+    assert await client.zscore(f"{prefix}:slots:alice", j.id) is None
 
 
 async def test_the_production_config_builds_a_redis_store(redis_url, tmp_path):

@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from serve.api.health import Readiness
 from serve.config import load_config
 from serve.ingress import create_app
+from serve.jobs.models import StoreUnavailable
 from tests.conftest import CONFIGS
 from tests.fakes import FakeEngine, make_services
 
@@ -32,7 +33,7 @@ class Clock:
 
 async def test_concurrent_probes_share_one_check_and_the_answer_is_reused_for_the_interval():
     engine, clock = CountingEngine(), Clock()
-    readiness = Readiness(engine, timeout_s=5, cache_s=1.0, clock=clock)
+    readiness = Readiness(engine, None, timeout_s=5, cache_s=1.0, clock=clock)
     assert await asyncio.gather(*(readiness.not_ready() for _ in range(50))) == [None] * 50
     assert engine.checks == 1
     engine.healthy = False
@@ -47,7 +48,15 @@ async def test_a_check_past_its_timeout_is_not_ready():
         async def check_health(self) -> None:
             await asyncio.sleep(10)
 
-    assert await Readiness(Hung(), timeout_s=0.05, cache_s=0).not_ready() == "TimeoutError"
+    assert await Readiness(Hung(), None, timeout_s=0.05, cache_s=0).not_ready() == "TimeoutError"
+
+
+async def test_a_store_that_does_not_answer_is_not_ready():
+    class Down:
+        async def counts(self):
+            raise StoreUnavailable("job store unavailable: ConnectionError")
+
+    assert await Readiness(FakeEngine(), Down(), timeout_s=1, cache_s=0).not_ready() == "StoreUnavailable"
 
 
 def test_metrics_are_not_on_the_api_port_unless_asked():

@@ -136,3 +136,34 @@ def test_an_answer_without_output_tokens_is_counted():
     from serve.telemetry.metrics import metrics
 
     metrics().generated("fal", "tests", 600, 0)  # Ray's counters raise on an increment of 0: never a 500
+
+
+@pytest.mark.parametrize("how", ["disconnect", "cancelled"])
+def test_a_stream_its_client_leaves_midway_is_recorded_499(caplog, how):
+    """Not the 200 the answer began with: the client did not get it whole (docs/operations.md). Serve's proxy
+    cancels the request's task; a server that reads the socket delivers http.disconnect."""
+    import asyncio
+
+    from serve.api.context import RequestContextMiddleware
+
+    async def stream(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        if how == "cancelled":
+            raise asyncio.CancelledError
+        assert (await receive())["type"] == "http.disconnect"
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        pass
+
+    scope = {"type": "http", "method": "POST", "path": "/fal-ai/llavav15-13b/stream", "headers": []}
+    caplog.set_level(logging.INFO, logger="llava_serve.access")
+    try:
+        asyncio.run(RequestContextMiddleware(stream)(scope, receive, send))
+    except asyncio.CancelledError:
+        pass
+    (line,) = [r for r in caplog.records if r.name == "llava_serve.access"]
+    assert line.fields["status"] == 499

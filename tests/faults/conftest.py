@@ -1,0 +1,148 @@
+"""The fault stack: local Ray + Serve + vLLM CPU + the tiny model, with the Redis store (as in production) on a
+redis-server the tests can stop, restart and freeze, and leases short enough that a lost one is seen in
+seconds. Each test injects one fault by its real mechanism (kill -9 of the engine replica's process, Redis
+restarted, Redis frozen) with a mixed load in flight."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from serve.app import start_local, stop_local
+from serve.config import ServeConfig, parse_config
+from tests.conftest import CONFIGS, free_port
+
+FAL_KEY, EACH_KEY, SYNC_KEY = "faults-fal-key-1", "faults-each-key-1", "faults-sync-key-1"
+KEYS = [
+    # fal queue jobs: some run, the rest wait queued behind the key's cap.
+    {"key": FAL_KEY, "name": "faults-fal", "rate_per_minute": 100_000, "max_concurrent": 4},
+    # Eachlabs predictions: queued ones count against the cap (cap_pending), so it has room for the load.
+    {"key": EACH_KEY, "name": "faults-each", "rate_per_minute": 100_000, "max_concurrent": 10},
+    # fal sync runs.
+    {"key": SYNC_KEY, "name": "faults-sync", "rate_per_minute": 100_000, "max_concurrent": 4},
+]
+LEASE_S = 4.0
+REAP_INTERVAL_S = 0.5
+
+
+class RedisServer:
+    """A private redis-server on one port for the whole session, with an append-only file, so that it can be
+    stopped and started again (its data survives) or frozen (SIGSTOP: connections hang, nothing is refused)."""
+
+    def __init__(self, workdir: Path):
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed (`make install` installs it)")
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+        self.paused = False
+
+    def _cmd(self) -> list[str]:
+        return ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.workdir),
+                "--logfile", str(self.workdir / "redis.log")]
+
+    def client(self):
+        """A client of the test's own: it never retries (redis-py's default retries would wait out a freeze)."""
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5,
+                           retry=Retry(NoBackoff(), 0))
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "redis-server is running"
+        import redis
+
+        self.proc = subprocess.Popen(self._cmd(), stdin=subprocess.DEVNULL)
+        client, deadline = self.client(), time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        # Loading the AOF answers LOADING: wait until it takes commands.
+                        client.get("faults:probe")
+                        return
+                except (redis.ConnectionError, redis.TimeoutError):  # BusyLoadingError is a ConnectionError
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server did not start; see {self.workdir / 'redis.log'}") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """A graceful shutdown (SIGTERM): Redis writes and fsyncs its append-only file, then exits."""
+        if self.paused:
+            self.resume()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets (connections are accepted by the kernel) and answers nothing."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+        self.paused = False
+
+
+@pytest.fixture(scope="session")
+def faults_redis(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("faults-redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def faults_config(tiny_model_dir, tmp_path_factory, faults_redis) -> ServeConfig:
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump(KEYS))
+    data = yaml.safe_load((CONFIGS / "local-cpu.yaml").read_text())
+    data["model"]["source"] = str(tiny_model_dir)
+    data["http"]["port"] = free_port()
+    data["auth"] = {"keys_file": str(keys_file)}
+    data["telemetry"]["metrics_route"] = False
+    data["store"] = {"backend": "redis", "redis_url": faults_redis.url}
+    data["jobs"] = {"lease_s": LEASE_S, "reap_interval_s": REAP_INTERVAL_S}
+    return parse_config(data, CONFIGS, env={})
+
+
+@pytest.fixture(scope="package")
+def stack(faults_config, faults_redis):
+    """Base URL of the running fault stack; Serve and Ray are shut down when its tests end."""
+    # One local stack at a time: another folder's stack may still be up (its package fixture lasts to the
+    # session's end when the folder has no __init__.py), and its tests are done. Stopping is idempotent.
+    stop_local()
+    try:
+        start_local(faults_config)
+        base = f"http://{faults_config.http.host}:{faults_config.http.port}"
+        assert requests.get(f"{base}/readyz", timeout=30).status_code == 200
+        yield base
+    finally:
+        if faults_redis.paused:  # a failed test left it frozen: Serve's teardown would wait on it
+            faults_redis.resume()
+        stop_local()
