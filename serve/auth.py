@@ -71,9 +71,10 @@ class KeyRing:
         ]
 
     @classmethod
-    def load(cls, path: Path, limits: LimitsConfig) -> KeyRing:
+    def load(cls, path: Path, limits: LimitsConfig, content: bytes | None = None) -> KeyRing:
+        """The keys file at `path` (its `content` when already read)."""
         try:
-            data = yaml.safe_load(Path(path).read_text())
+            data = yaml.safe_load(Path(path).read_bytes() if content is None else content)
             return cls(_ENTRIES.validate_python(data or []), limits)
         except OSError as exc:
             raise ConfigError(str(path), [f"auth.keys_file: cannot read: {exc.strerror}"]) from None
@@ -113,7 +114,8 @@ class Keys:
     def __init__(self, cfg: AuthConfig, limits: LimitsConfig, clock: Callable[[], float] = time.monotonic):
         self._path, self._limits, self._every, self._clock = cfg.keys_file, limits, cfg.reload_interval_s, clock
         self._text = self._read()
-        self._ring = KeyRing.load(self._path, limits)  # at start a bad file fails the replica: nothing to keep
+        # At start a bad file fails the replica: there are no keys to keep.
+        self._ring = KeyRing.load(self._path, limits, self._text)
         self._checked = clock()
 
     def _read(self) -> bytes | None:
@@ -129,7 +131,7 @@ class Keys:
         if text == self._text:
             return
         try:
-            ring = KeyRing.load(self._path, self._limits)
+            ring = KeyRing.load(self._path, self._limits, text)
         except ConfigError as exc:
             log.warning("keys file not reloaded, keeping the %d keys loaded before: %s", len(self._ring), exc)
         else:

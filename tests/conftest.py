@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import io
 import json
@@ -108,6 +109,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def local_stack_data(model_dir: Path, keys: list[dict], keys_dir: Path) -> dict:
+    """The embedded default's config (configs/local-cpu.yaml) as data, on the tiny model, a free port and a keys
+    file of `keys` written in `keys_dir`: what each live suite starts from and then changes."""
+    import yaml
+
+    keys_file = keys_dir / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump(keys))
+    data = yaml.safe_load((CONFIGS / "local-cpu.yaml").read_text())
+    data["model"]["source"] = str(model_dir)
+    data["http"]["port"] = free_port()
+    data["auth"]["keys_file"] = str(keys_file)
+    return data
+
+
+@contextlib.contextmanager
+def running_stack(cfg):
+    """A live local stack on `cfg` (Ray, Serve, vLLM): its base URL once ready; Ray is shut down at the end.
+    One local stack at a time: another folder's may still be up (a package fixture of a folder without
+    __init__.py lasts to the session's end), and its tests are done, so it is stopped first (idempotent)."""
+    import requests
+
+    from serve.app import start_local, stop_local
+
+    stop_local()
+    try:
+        start_local(cfg)
+        base = f"http://{cfg.http.host}:{cfg.http.port}"
+        assert requests.get(f"{base}/readyz", timeout=30).status_code == 200
+        yield base
+    finally:
+        stop_local()
 
 
 def image_bytes(size=(64, 48), fmt="PNG", color=(200, 30, 60)) -> bytes:

@@ -13,12 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
-import yaml
 
-from serve.app import start_local, stop_local
 from serve.config import ServeConfig, parse_config
-from tests.conftest import CONFIGS, free_port
+from tests.conftest import CONFIGS, free_port, local_stack_data, running_stack
 
 FAL_KEY, EACH_KEY, SYNC_KEY = "faults-fal-key-1", "faults-each-key-1", "faults-sync-key-1"
 KEYS = [
@@ -119,12 +116,7 @@ def faults_redis(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def faults_config(tiny_model_dir, tmp_path_factory, faults_redis) -> ServeConfig:
-    keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
-    keys_file.write_text(yaml.safe_dump(KEYS))
-    data = yaml.safe_load((CONFIGS / "local-cpu.yaml").read_text())
-    data["model"]["source"] = str(tiny_model_dir)
-    data["http"]["port"] = free_port()
-    data["auth"] = {"keys_file": str(keys_file)}
+    data = local_stack_data(tiny_model_dir, KEYS, tmp_path_factory.mktemp("keys"))
     data["telemetry"]["metrics_route"] = False
     data["store"] = {"backend": "redis", "redis_url": faults_redis.url}
     data["jobs"] = {"lease_s": LEASE_S, "reap_interval_s": REAP_INTERVAL_S}
@@ -134,15 +126,9 @@ def faults_config(tiny_model_dir, tmp_path_factory, faults_redis) -> ServeConfig
 @pytest.fixture(scope="package")
 def stack(faults_config, faults_redis):
     """Base URL of the running fault stack; Serve and Ray are shut down when its tests end."""
-    # One local stack at a time: another folder's stack may still be up (its package fixture lasts to the
-    # session's end when the folder has no __init__.py), and its tests are done. Stopping is idempotent.
-    stop_local()
     try:
-        start_local(faults_config)
-        base = f"http://{faults_config.http.host}:{faults_config.http.port}"
-        assert requests.get(f"{base}/readyz", timeout=30).status_code == 200
-        yield base
+        with running_stack(faults_config) as base:
+            yield base
     finally:
         if faults_redis.paused:  # a failed test left it frozen: Serve's teardown would wait on it
             faults_redis.resume()
-        stop_local()

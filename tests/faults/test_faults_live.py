@@ -108,33 +108,26 @@ class Load:
     def submit_fal(self) -> str | None:
         body = {"prompt": "Describe the picture.", "image_url": IMAGE, "max_new_tokens": self.tokens,
                 "temperature": 0}
-        resp = self.call("fal", "fal submit", "POST", f"{self.base}/queue{APP}", json=body, headers=FAL)
-        if resp is None:
-            return None
-        if resp.status_code != 200:
-            with self.lock:
-                self.submits[f"fal submit {resp.status_code}"] += 1
-            return None
-        rid = resp.json()["request_id"]
-        with self.lock:
-            self.jobs[rid] = Tracked("fal", time.monotonic())
-        return rid
+        return self._accept("fal", "fal submit", f"/queue{APP}", body, FAL, "request_id")
 
     def create_each(self) -> str | None:
         body = {"model": "llava-13b", "input": {"image": IMAGE, "prompt": "Describe the picture.",
                                                  "max_tokens": self.tokens, "temperature": 0}}
-        resp = self.call("eachlabs", "eachlabs create", "POST", f"{self.base}/v1/prediction/", json=body,
-                         headers=EACH)
+        return self._accept("eachlabs", "eachlabs create", "/v1/prediction/", body, EACH, "predictionID")
+
+    def _accept(self, api: str, op: str, path: str, body: dict, headers: dict, id_field: str) -> str | None:
+        """Submit one job; its id, tracked, when it was accepted (a refusal is counted by its status)."""
+        resp = self.call(api, op, "POST", f"{self.base}{path}", json=body, headers=headers)
         if resp is None:
             return None
         if resp.status_code != 200:
             with self.lock:
-                self.submits[f"eachlabs create {resp.status_code}"] += 1
+                self.submits[f"{op} {resp.status_code}"] += 1
             return None
-        pid = resp.json()["predictionID"]
+        job_id = resp.json()[id_field]
         with self.lock:
-            self.jobs[pid] = Tracked("eachlabs", time.monotonic())
-        return pid
+            self.jobs[job_id] = Tracked(api, time.monotonic())
+        return job_id
 
     def poll_once(self, rid: str, job: Tracked) -> None:
         """One status read, as the clients poll; records the job's end when it has one."""

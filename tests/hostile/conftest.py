@@ -7,12 +7,9 @@ from __future__ import annotations
 import sys
 
 import pytest
-import requests
-import yaml
 
-from serve.app import start_local, stop_local
 from serve.config import ServeConfig, parse_config
-from tests.conftest import CONFIGS, ROOT, free_port
+from tests.conftest import CONFIGS, ROOT, local_stack_data, running_stack
 
 sys.path.insert(0, str(ROOT / "loadtest"))
 import stack as loadtest_stack  # noqa: E402
@@ -37,12 +34,8 @@ def hostile_redis_url(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hostile_config(tiny_model_dir, tmp_path_factory, hostile_redis_url) -> ServeConfig:
-    keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
-    keys_file.write_text(yaml.safe_dump(KEYS))
-    data = yaml.safe_load((CONFIGS / "local-cpu.yaml").read_text())
-    data["model"]["source"] = str(tiny_model_dir)
-    data["http"]["port"] = free_port()
-    data["auth"] = {"keys_file": str(keys_file), "reload_interval_s": KEYS_RELOAD_S}
+    data = local_stack_data(tiny_model_dir, KEYS, tmp_path_factory.mktemp("keys"))
+    data["auth"]["reload_interval_s"] = KEYS_RELOAD_S
     data["telemetry"]["metrics_route"] = False  # as in production: no key names on the API port
     data["store"] = {"backend": "redis", "redis_url": hostile_redis_url}
     data["jobs"] = {"lease_s": 3.0, "reap_interval_s": 0.5}
@@ -59,13 +52,5 @@ def hostile_config(tiny_model_dir, tmp_path_factory, hostile_redis_url) -> Serve
 @pytest.fixture(scope="package")
 def stack(hostile_config):
     """Base URL of the running hostile-tenant stack; Serve and Ray are shut down when its tests end."""
-    # One local stack at a time: the integration tests' stack is still up here (a package fixture of a folder
-    # without __init__.py lasts to the session's end), and its tests are done. Stopping is idempotent.
-    stop_local()
-    try:
-        start_local(hostile_config)
-        base = f"http://{hostile_config.http.host}:{hostile_config.http.port}"
-        assert requests.get(f"{base}/readyz", timeout=30).status_code == 200
+    with running_stack(hostile_config) as base:
         yield base
-    finally:
-        stop_local()

@@ -11,15 +11,13 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
-import requests
-import yaml
 from ray import serve
 
-from serve.app import ENGINE_DEPLOYMENT, start_local, stop_local
+from serve.app import ENGINE_DEPLOYMENT
 from serve.config import ServeConfig, parse_config
 from serve.jobs.factory import build_store
 from serve.jobs.store import JobStore
-from tests.conftest import CONFIGS, ROOT, Clock, free_port
+from tests.conftest import CONFIGS, ROOT, Clock, local_stack_data, running_stack
 
 sys.path.insert(0, str(ROOT / "loadtest"))
 import stack as loadtest_stack  # noqa: E402
@@ -50,12 +48,7 @@ TEST_KEYS = [
 
 @pytest.fixture(scope="session")
 def stack_config(tiny_model_dir, tmp_path_factory) -> ServeConfig:
-    keys_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
-    keys_file.write_text(yaml.safe_dump(TEST_KEYS))
-    data = yaml.safe_load((CONFIGS / "local-cpu.yaml").read_text())
-    data["model"]["source"] = str(tiny_model_dir)
-    data["http"]["port"] = free_port()
-    data["auth"]["keys_file"] = str(keys_file)
+    data = local_stack_data(tiny_model_dir, TEST_KEYS, tmp_path_factory.mktemp("keys"))
     data["ingress"]["num_replicas"] = 2  # limits and jobs must hold across replicas
     # Pinned by a custom resource, as in production: `llava-serve run` must offer it on its one machine.
     data["ingress"]["resources"] = {"llava_ingress": 1}
@@ -69,13 +62,8 @@ def stack_config(tiny_model_dir, tmp_path_factory) -> ServeConfig:
 @pytest.fixture(scope="package")
 def stack(stack_config):
     """Base URL of the running stack; Serve and Ray are shut down when the integration tests end."""
-    try:
-        start_local(stack_config)
-        base = f"http://{stack_config.http.host}:{stack_config.http.port}"
-        assert requests.get(f"{base}/readyz", timeout=30).status_code == 200
+    with running_stack(stack_config) as base:
         yield base
-    finally:
-        stop_local()
 
 
 @pytest.fixture
