@@ -126,6 +126,11 @@ class DeploymentConfig(_Strict):
 
 
 class EngineDeploymentConfig(DeploymentConfig):
+    caller_check_s: float = Field(
+        1.0, gt=0, description="How often an engine replica checks that the ingress replicas it generates for are "
+        "alive: Ray does not cancel a call whose caller died, so the generations of a dead ingress replica are "
+        "aborted this long after its death at most, not run to their end for nobody (docs/faults.md)."
+    )
     max_waiting_requests: int = Field(
         64, ge=0, description="Requests one engine replica takes beyond a full batch (engine.max_num_seqs). They "
         "wait in vLLM's own scheduler, which prepares their images while the batch decodes and starts each the "
@@ -342,8 +347,14 @@ class JobsConfig(_Strict):
     lease_s: float = Field(
         12.0, gt=0, description="How long a running job or sync request holds its concurrency slot without a "
         "heartbeat (sent every third of it): the slots and jobs of a replica that died are free again within "
-        "this plus reap_interval_s. Through a store outage longer than this, running work stops and its job is "
-        "re-queued (a finished one's outcome is kept and recorded once the store answers: docs/faults.md)."
+        "this plus reap_interval_s. Leases stand still while the store is unreachable (outage_after_s), so "
+        "work goes on through an outage and its outcome is recorded once the store answers (docs/faults.md)."
+    )
+    outage_after_s: float = Field(
+        3.0, gt=0, description="How long an ingress replica's store calls may go unanswered (its runner calls "
+        "every reap_interval_s) before it counts as an outage: its first call once the store answers again says "
+        "so, and every lease moves on by that time, since nobody could renew one meanwhile. More than "
+        "reap_interval_s; less than two thirds of lease_s, so that a shorter outage, not counted, costs no lease."
     )
     max_attempts: int = Field(2, ge=1, description="Runs of a job whose runner died: 2 = re-queued once, then failed.")
     runner_retry_s: float = Field(
@@ -362,6 +373,20 @@ class JobsConfig(_Strict):
         1.0, gt=0, description="How often a runner recovers expired leases and results, and hands jobs the store "
         "ended itself (cancelled in the queue, timed out, worker lost) to their webhooks."
     )
+    notify_lease_s: float = Field(
+        600.0, gt=0, description="How long a replica holds a job's webhook delivery (all its attempts) before the "
+        "store offers it to another replica: a replica that dies mid-delivery leaves it to be sent again (at least "
+        "once). At least webhooks' delivery window (attempts, their deadlines and the waits between them)."
+    )
+
+    @model_validator(mode="after")
+    def _outage_between_reaps_and_leases(self) -> JobsConfig:
+        # docs/faults.md, "The numbers": a pause between reaps is no outage, and an outage not counted must
+        # end before a lease renewed every lease_s / 3 runs out.
+        if not self.reap_interval_s < self.outage_after_s < self.lease_s * 2 / 3:
+            raise ValueError(f"outage_after_s ({self.outage_after_s}) must be more than reap_interval_s "
+                             f"({self.reap_interval_s}) and less than two thirds of lease_s ({self.lease_s})")
+        return self
 
 
 class StoreConfig(_Strict):
@@ -463,6 +488,11 @@ class WebhooksConfig(_Strict):
         "order), deliveries waiting to retry hold no place."
     )
 
+    def delivery_window_s(self) -> float:
+        """The longest one delivery takes, all attempts and the waits between them (a turn waited for aside)."""
+        waits = [min(self.backoff_s * 2 ** n, self.max_backoff_s) for n in range(self.attempts - 1)]
+        return self.attempts * self.timeout_s + sum(waits)
+
 
 class ServeConfig(_Strict):
     app_name: str = Field("llava", description="Ray Serve application name.")
@@ -525,6 +555,14 @@ class ServeConfig(_Strict):
                 f"limits.max_stored_bytes ({self.limits.max_stored_bytes}) must be at least http.max_body_bytes "
                 f"({self.http.max_body_bytes}): a key must be able to queue the largest request it may send"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _a_delivery_ends_within_its_lease(self) -> ServeConfig:
+        # Otherwise a slow delivery would be offered to another replica while still running: sent twice.
+        if self.jobs.notify_lease_s < (window := self.webhooks.delivery_window_s()):
+            raise ValueError(f"jobs.notify_lease_s ({self.jobs.notify_lease_s:g}) must be at least the webhooks' "
+                             f"delivery window, {window:g} s (attempts x timeout_s + the waits between them)")
         return self
 
     def engine_max_ongoing_requests(self) -> int:

@@ -38,10 +38,21 @@ class WebhookSender:
     def send(
         self, url: str, payload: dict[str, Any], headers: dict[str, str] | None = None,
         on_abandon: Callable[[], Awaitable[None]] | None = None,
+        on_end: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Deliver in the background. `on_abandon` runs if the sender closes before the delivery
-        ended (the replica is stopping): it hands the delivery to someone who can finish it."""
-        task = asyncio.get_running_loop().create_task(self.deliver(url, payload, headers or {}))
+        """Deliver in the background. `on_end` runs once the delivery is over (acknowledged or given up);
+        `on_abandon` if the sender closes before that (the replica is stopping): it hands the delivery to
+        someone who can finish it."""
+        async def delivery() -> None:
+            await self.deliver(url, payload, headers or {})
+            if on_end is not None:
+                try:
+                    await on_end()
+                except Exception as exc:  # the store is away: the delivery is offered again when its lease ends
+                    log.warning("webhook %s: could not record that the delivery is over (%s); it may be sent "
+                                "again", url, type(exc).__name__)
+
+        task = asyncio.get_running_loop().create_task(delivery())
         self._pending[task] = on_abandon
         task.add_done_callback(lambda t: self._pending.pop(t, None))
 

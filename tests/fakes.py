@@ -47,8 +47,9 @@ class SlowEngine(FakeEngine):
         yield Completion(num_input_tokens=600, num_output_tokens=request.max_tokens or 16, finish_reason="length")
 
 
-def make_services(engine, keys_file=None, backend=None):
-    """The ingress' services on the embedded default config, with an in-process store by default."""
+def make_services(engine, keys_file=None, backend=None, away_after_s=None):
+    """The ingress' services on the embedded default config, with an in-process store by default (away_after_s:
+    `JobStore`'s)."""
     from serve.api.services import Services
     from serve.config import load_config
     from serve.jobs.memory import MemoryStore
@@ -57,7 +58,7 @@ def make_services(engine, keys_file=None, backend=None):
 
     env = {"LLAVA_SERVE_KEYS_FILE": str(keys_file)} if keys_file else {}
     cfg = load_config(CONFIGS / "local-cpu.yaml", env=env)
-    store = JobStore(backend or MemoryStore(cfg.store.result_ttl_s, cfg.jobs.max_attempts))
+    store = JobStore(backend or MemoryStore(cfg.store.result_ttl_s, cfg.jobs.max_attempts), away_after_s=away_after_s)
     return Services.build(cfg, engine, store)
 
 

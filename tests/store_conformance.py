@@ -26,6 +26,7 @@ from serve.jobs.models import (
     abridge_long_strings,
     input_bytes,
 )
+from serve.jobs.store import JobStore
 from tests.conftest import Clock
 
 TTL = 3600.0
@@ -204,7 +205,7 @@ class StoreConformance:
         ended = with_image(job(notify=True))
         await store.enqueue(ended, L, cap_pending=False)
         await store.cancel(ended.id, "alice")
-        [announced] = await store.take_finished()
+        [announced] = await store.take_finished(LEASE)
         assert announced.input == abridge_long_strings(ended.input)  # webhooks echo what reads show
 
     # -- the job store's bounds (docs/bounds.md, "The job store") -----------------------------------
@@ -432,6 +433,74 @@ class StoreConformance:
         assert (await store.get(j.id, "alice")).status == JobStatus.RUNNING
         assert await store.finish(j.id, "r1", result=RESULT)
 
+    # -- resume: leases stand still while the store is unreachable (docs/faults.md) -------------------
+
+    async def test_leases_stand_still_while_a_replica_could_not_reach_the_store(self, store, clock):
+        replica = JobStore(store._backend, clock, away_after_s=5.0)  # as build_store makes it
+        capped = Limits(rate_per_minute=100, max_concurrent=2)
+        j = job(cap=2)
+        await replica.enqueue(j, L, cap_pending=False)
+        await replica.claim("r1", LEASE)
+        sync = await replica.admit("alice", capped, LEASE)
+        clock.advance(LEASE + 20)  # nothing answered for longer than every lease: the store was away
+        assert await replica.reap() == 0  # its first call says so first: no lease ran out meanwhile
+        assert (await replica.get(j.id, "alice")).status == JobStatus.RUNNING
+        assert (await replica.admit("alice", capped, LEASE)).reason == "concurrency"  # both slots still held
+        assert await replica.renew("alice", sync.slot, LEASE)
+        assert await replica.finish(j.id, "r1", result=RESULT)  # the work went on: its answer is kept
+        assert await replica.claim("r2", LEASE) is None
+
+    async def test_after_the_store_is_back_leases_run_again(self, store, clock):
+        replica = JobStore(store._backend, clock, away_after_s=5.0)
+        j = job()
+        await replica.enqueue(j, L, cap_pending=False)
+        await replica.claim("r1", LEASE)
+        clock.advance(20)
+        await replica.reap()  # back after 20 s: the lease has all of its time again
+        for _ in range(int(LEASE) - 1):  # then the runner is gone: calls go on each second, no heartbeat
+            clock.advance(1)
+            assert await replica.reap() == 0
+        clock.advance(2)
+        assert await replica.reap() == 1  # its lease ran out, counted from the store's return
+        assert (await replica.get(j.id, "alice")).status == JobStatus.QUEUED
+
+    async def test_an_outage_every_replica_reports_counts_once(self, store, clock):
+        j = job()
+        await store.enqueue(j, L, cap_pending=False)
+        await store.claim("r1", LEASE)
+        since = clock.now
+        clock.advance(20)
+        await store._backend.resume(since, clock.now)
+        clock.advance(0.5)
+        await store._backend.resume(since, clock.now)  # another replica that lived through the same outage
+        clock.advance(LEASE - 1)
+        assert await store.reap() == 0
+        clock.advance(1)  # 20.5 s moved, not 40.5
+        assert await store.reap() == 1
+
+    async def test_a_replica_that_was_not_away_moves_no_lease(self, store, clock):
+        j = job()
+        await store.enqueue(j, L, cap_pending=False)
+        await store.claim("r1", LEASE)  # by a replica that then died
+        clock.advance(LEASE + 5)
+        fresh = JobStore(store._backend, clock, away_after_s=5.0)  # its replacement: nothing to report
+        assert await fresh.reap() == 1
+        assert (await store.get(j.id, "alice")).status == JobStatus.QUEUED
+
+    async def test_a_lease_only_grows(self, store, clock):
+        capped = Limits(rate_per_minute=100, max_concurrent=1)
+        j = job(cap=1)
+        await store.enqueue(j, L, cap_pending=False)
+        await store.claim("r1", LEASE)
+        sync = await store.admit("bob", capped, LEASE)
+        late = JobStore(store._backend, lambda: clock.now - LEASE / 2)  # sent earlier, run now (a frozen store)
+        assert await late.heartbeat(j.id, "r1", LEASE)
+        assert await late.renew("bob", sync.slot, LEASE)
+        clock.advance(LEASE - 1)
+        assert await store.reap() == 0  # still the lease the claim gave
+        assert (await store.admit("bob", capped, LEASE)).reason == "concurrency"
+        assert (await store.admit("alice", capped, LEASE)).reason == "concurrency"
+
     # -- requeue: the engine failed under a running job ----------------------------------------------
 
     async def test_requeue_puts_the_job_back_at_the_front_then_ends_it_with_the_error(self, store, clock):
@@ -445,7 +514,7 @@ class StoreConformance:
         assert requeued.status == JobStatus.QUEUED and requeued.queue_position == 0  # ahead of newer work
         assert requeued.runner is None and requeued.lease_until is None and requeued.error is None
         assert requeued.logs[-1].message == REQUEUED and requeued.logs[-1].timestamp == clock.now
-        assert await store.take_finished() == []  # not ended
+        assert await store.take_finished(LEASE) == []  # not ended
         assert await store.requeue(j.id, "r1", ENGINE_LOST) is False  # handed back once
         assert await store.finish(j.id, "r1", result=RESULT) is False
         again = await store.claim("r2", LEASE)
@@ -457,7 +526,7 @@ class StoreConformance:
         assert failed.status == JobStatus.FAILED and failed.error == ENGINE_LOST and failed.result is None
         assert failed.finished_at == clock.now and failed.expires_at == clock.now + TTL
         assert failed.queue_position is None and failed.runner is None
-        assert [t.id for t in await store.take_finished()] == [j.id]  # announced as any end
+        assert [t.id for t in await store.take_finished(LEASE)] == [j.id]  # announced as any end
         assert (await store.claim("r3", LEASE)).id == later.id  # the slot was freed
         assert await store.requeue(j.id, "r2", ENGINE_LOST) is False  # ended
 
@@ -469,7 +538,7 @@ class StoreConformance:
         assert await store.requeue(j.id, "r1", ENGINE_LOST)
         cancelled = await store.get(j.id, "alice")
         assert cancelled.status == JobStatus.CANCELLED and cancelled.error.kind == "cancelled"
-        assert [t.id for t in await store.take_finished()] == [j.id]
+        assert [t.id for t in await store.take_finished(LEASE)] == [j.id]
         assert await store.counts() == {"queued": 0, "running": 0}
 
     async def test_requeue_changes_nothing_unless_the_job_runs_on_that_runner(self, store, clock):
@@ -617,14 +686,14 @@ class StoreConformance:
         clock.advance(LEASE + 1)
         await store.reap()  # fails `lost` (worker lost), then `late` (past its start deadline)
 
-        taken = await store.take_finished(limit=10)
+        taken = await store.take_finished(LEASE, limit=10)
         assert [j.id for j in taken] == [ran.id, cancelled.id, lost.id, late.id]  # the order they ended
         assert [(j.status, j.error and j.error.kind) for j in taken] == [
             (JobStatus.SUCCEEDED, None), (JobStatus.CANCELLED, "cancelled"),
             (JobStatus.FAILED, "worker_lost"), (JobStatus.FAILED, "start_timeout")]
         assert taken[0].result.text == "ab" and all(j.notify and j.queue_position is None for j in taken)
         assert taken[0] == await store.get(ran.id, "alice")  # the terminal record, as `get` returns it
-        assert await store.take_finished() == []  # each is handed out once
+        assert await store.take_finished(LEASE) == []  # each is handed out once
 
     async def test_take_finished_honours_the_limit_and_claims_expiry_notifies_too(self, store, clock):
         overdue = [job(notify=True, start_timeout_s=5.0) for _ in range(3)]
@@ -632,10 +701,10 @@ class StoreConformance:
             await store.enqueue(j, L, cap_pending=False)
         clock.advance(5)
         assert await store.claim("r1", LEASE) is None  # claim fails them all: the queue is empty
-        first = await store.take_finished(limit=2)
+        first = await store.take_finished(LEASE, limit=2)
         assert [j.id for j in first] == [j.id for j in overdue[:2]]  # queue order
-        assert [j.id for j in await store.take_finished(limit=2)] == [overdue[2].id]
-        assert await store.take_finished(limit=2) == []
+        assert [j.id for j in await store.take_finished(LEASE, limit=2)] == [overdue[2].id]
+        assert await store.take_finished(LEASE, limit=2) == []
 
     async def test_a_forgotten_job_is_skipped(self, store, clock):
         forgotten, kept = job(notify=True), job(notify=True)
@@ -645,20 +714,47 @@ class StoreConformance:
         await store.reap()  # forgets it before anyone took it
         await store.enqueue(kept, L, cap_pending=False)
         await store.cancel(kept.id, "alice")
-        assert [j.id for j in await store.take_finished()] == [kept.id]
+        assert [j.id for j in await store.take_finished(LEASE)] == [kept.id]
 
-    async def test_renotify_offers_an_ended_job_again_and_nothing_else(self, store):
+    async def test_renotify_offers_an_ended_job_again_and_nothing_else(self, store, clock):
         ended, waiting = job(notify=True), job()
         for j in (ended, waiting):
             await store.enqueue(j, L, cap_pending=False)
         await store.cancel(ended.id, "alice")
-        assert [j.id for j in await store.take_finished()] == [ended.id]
+        assert [j.id for j in await store.take_finished(LEASE)] == [ended.id]
         await store.renotify(ended.id)  # its delivery was cut short: offered once more
         await store.renotify(waiting.id)  # not ended: nothing to announce
         await store.renotify("no-such-job")
-        again = await store.take_finished()
+        again = await store.take_finished(LEASE)
         assert [j.id for j in again] == [ended.id] and again[0].status == JobStatus.CANCELLED
-        assert await store.take_finished() == []
+        assert await store.take_finished(LEASE) == []
+        await store.renotify(ended.id)  # its lease goes with it: offered once, not again when that runs out
+        await store.take_finished(LEASE)
+        await store.notified(ended.id)
+        clock.advance(LEASE + 1)
+        await store.reap()
+        assert await store.take_finished(LEASE) == []
+
+    async def test_a_delivery_not_over_within_its_lease_is_offered_again_first(self, store, clock):
+        first, second, third = job(notify=True), job(notify=True), job(notify=True)
+        for j in (first, second, third):
+            await store.enqueue(j, L, cap_pending=False)
+            await store.cancel(j.id, "alice")
+        assert [j.id for j in await store.take_finished(10.0, limit=2)] == [first.id, second.id]
+        await store.notified(second.id)  # delivered (or given up): over
+        clock.advance(9.9)
+        assert await store.reap() == 0
+        assert [j.id for j in await store.take_finished(10.0)] == [third.id]
+        clock.advance(0.1)
+        await store.reap()  # the first one's deliverer died: its lease ran out
+        again = await store.take_finished(10.0)
+        assert [(j.id, j.status) for j in again] == [(first.id, JobStatus.CANCELLED)]
+        await store.notified(first.id)
+        await store.notified(third.id)
+        await store.notified("no-such-job")
+        clock.advance(60)
+        await store.reap()
+        assert await store.take_finished(10.0) == []  # each over: never offered again
 
     # -- waiting for work -------------------------------------------------------------------------
 

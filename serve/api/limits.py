@@ -57,36 +57,22 @@ async def admitted(store: JobStore, caller: Caller, lease_s: float) -> AsyncIter
     adm = await store.admit(caller.name, caller.limits, lease_s)
     if not adm.allowed:
         raise LimitExceeded(adm)
-    owner, lapsed = asyncio.current_task(), False
 
     async def renew() -> None:
-        # Through a store blip the slot is renewed again as soon as the store answers; once the lease has run
-        # out unrenewed, the slot may be another request's: the request stops, rather than let the key exceed
-        # its concurrency cap (docs/faults.md).
-        nonlocal lapsed
-        loop = asyncio.get_running_loop()
-        held_until = loop.time() + lease_s
+        # Through a store outage the slot is renewed again as soon as the store answers: its lease stands
+        # still meanwhile (docs/faults.md), so the request goes on.
         while True:
             await asyncio.sleep(lease_s / 3)
             while True:
                 try:
                     await store.renew(caller.name, adm.slot, lease_s)
-                    held_until = loop.time() + lease_s
                     break
                 except StoreUnavailable:
-                    if loop.time() >= held_until:
-                        lapsed = True
-                        owner.cancel()
-                        return
                     await asyncio.sleep(min(RENEW_RETRY_S, lease_s / 10))
 
     renewer = asyncio.create_task(renew())
     try:
         yield adm
-    except asyncio.CancelledError:
-        if lapsed and owner.uncancel() == 0:  # our own cancellation, not the client's
-            raise StoreUnavailable("the job store did not answer for longer than the request's lease") from None
-        raise
     finally:
         renewer.cancel()
         with contextlib.suppress(StoreUnavailable):  # unreleased, the slot lapses with its lease

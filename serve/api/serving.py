@@ -146,7 +146,9 @@ async def run_job(services: Services, job: Job, image_url: str, build: BuildRequ
 def send_webhook(
     services: Services, job: Job, url: str, payload: dict[str, Any], headers: dict[str, str] | None = None
 ) -> None:
-    """Deliver a job's webhook in the background; if this replica stops before the delivery ends,
-    the job goes back to the store's outbox and another runner delivers it."""
+    """Deliver a job's webhook in the background, and tell the store when the delivery is over (its outbox
+    lease goes); if this replica stops before then, the job goes back to the store's outbox at once and another
+    runner delivers it."""
     store = services.store
-    services.webhooks.send(url, payload, headers, on_abandon=lambda: store.renotify(job.id))
+    services.webhooks.send(url, payload, headers, on_abandon=lambda: store.renotify(job.id),
+                           on_end=lambda: store.notified(job.id))

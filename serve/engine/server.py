@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable
+import contextlib
+import dataclasses
+import logging
+from typing import Any, AsyncIterator, Callable, Iterator
 
+import ray
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -15,6 +19,8 @@ from serve.engine.types import (
 )
 
 EngineFactory = Callable[[ServeConfig], ServedEngine]
+
+log = logging.getLogger(__name__)
 
 
 def vllm_engine(cfg: ServeConfig) -> ServedEngine:
@@ -34,10 +40,12 @@ class LLMServer:
     def __init__(self, cfg: ServeConfig, engine_factory: EngineFactory = vllm_engine):
         self._engine = engine_factory(cfg)
         self._stream_interval_s = cfg.engine.stream_interval_s
+        self._callers = CallerWatch(cfg.engine_deployment.caller_check_s)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
-        async for item in coalesce(self._engine.generate(request), self._stream_interval_s):
-            yield item
+        with self._callers.watching(request.caller):
+            async for item in coalesce(self._engine.generate(request), self._stream_interval_s):
+                yield item
 
     async def check_health(self) -> None:
         # Serve calls this periodically: a dead engine fails it and Serve replaces the replica.
@@ -53,14 +61,71 @@ class LLMServer:
             engine.shutdown()
 
 
+class CallerWatch:
+    """Cancels the calls of a caller (an ingress replica) that died. Ray does not cancel an actor call whose caller
+    died, so without this the engine would run a dead ingress replica's generations to their end for nobody, while
+    their jobs run again elsewhere (docs/faults.md, "Ingress replica dies"). Each distinct caller is asked every
+    `period_s` whether it lives (Ray's built-in `__ray_ready__`); its death cancels its calls' tasks, which aborts
+    their requests in vLLM."""
+
+    def __init__(self, period_s: float):
+        self._period_s = period_s
+        self._calls: dict[str, tuple[Any, set[asyncio.Task]]] = {}  # caller's actor id -> (handle, its calls)
+        self._watcher: asyncio.Task | None = None
+
+    @contextlib.contextmanager
+    def watching(self, caller: Any) -> Iterator[None]:
+        if caller is None:  # not called by an ingress replica (tools, tests)
+            yield
+            return
+        key, task = caller._actor_id.hex(), asyncio.current_task()
+        self._calls.setdefault(key, (caller, set()))[1].add(task)
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        try:
+            yield
+        finally:
+            tasks = self._calls.get(key, (None, set()))[1]
+            tasks.discard(task)
+            if not tasks:
+                self._calls.pop(key, None)
+
+    async def _watch(self) -> None:
+        while self._calls:
+            await asyncio.sleep(self._period_s)
+            for key, (caller, tasks) in list(self._calls.items()):
+                try:
+                    async with asyncio.timeout(self._period_s):
+                        await caller.__ray_ready__.remote()
+                except RayActorError:
+                    log.warning("engine: the ingress replica %s died; aborting its %d generation(s)", key, len(tasks))
+                    for task in list(tasks):
+                        task.cancel()
+                    self._calls.pop(key, None)
+                except Exception:  # busy, or slow to answer: not known to be dead
+                    continue
+
+
+def _own_actor() -> Any:
+    """This process's actor handle, or None outside a Ray actor."""
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None
+    return ray.get_runtime_context().current_actor
+
+
 class HandleEngine:
     """The `Engine` interface over a DeploymentHandle to LLMServer."""
 
     def __init__(self, handle):
         self._handle = handle
         self._streaming = handle.options(stream=True)
+        self._lost = False  # a replica died under a call, and no replica has answered one since
+        # This replica's own actor, which each call carries: the engine aborts the calls of a caller that died.
+        self._caller = _own_actor()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        if self._caller is not None:
+            request = dataclasses.replace(request, caller=self._caller)
         response = self._streaming.generate.remote(request)
         finished = False
         try:
@@ -77,6 +142,7 @@ class HandleEngine:
                 raise type(exc.cause)(*exc.cause.args) from None
             raise
         except (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError) as exc:
+            self._lost = self._lost or isinstance(exc, RayActorError)
             raise EngineUnavailable(f"no engine replica could serve the request: {type(exc).__name__}") from exc
         finally:
             # A consumer that stops early (client gone) cancels the replica's call, and with it
@@ -85,6 +151,14 @@ class HandleEngine:
                 response.cancel()
 
     async def check_health(self) -> None:
+        if self._lost:
+            # A replica died under a call: the controller counts it as running until its next health check (up
+            # to health_check_period_s + timeout), so ask a replica itself until one answers (docs/faults.md).
+            try:
+                await self._handle.check_health.remote()
+            except Exception as exc:
+                raise EngineUnavailable(f"the engine replica died; none answers yet: {type(exc).__name__}") from None
+            self._lost = False
         # Ask Serve's controller, which health-checks every replica, rather than calling a replica:
         # a call would queue behind a full batch and make a busy engine look dead.
         running = await asyncio.to_thread(self._running_replicas)

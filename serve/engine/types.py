@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import AsyncGenerator, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Protocol
 
 from PIL import Image
 
@@ -26,6 +26,7 @@ class GenerationRequest:
     stream: bool = False  # False: the engine may deliver the text in one delta at the end
     stop: tuple[str, ...] = ()  # generation ends before any of these (not included in the text)
     seed: int | None = None  # per-request sampling seed
+    caller: Any = None  # the calling ingress replica's actor handle, set by HandleEngine: its death aborts this
 
 
 @dataclass(frozen=True)

@@ -23,4 +23,4 @@ def build_store(cfg: ServeConfig) -> JobStore:
         # "v4": what the store does changed (requeue: docs/faults.md; v3 kept per-key bounds); a detached actor of an
         # earlier version that a long-lived cluster still holds must not be found by name (get_if_exists).
         backend = RayActorBackend(f"{cfg.app_name}-jobstore-v4", cfg.store.result_ttl_s, cfg.jobs.max_attempts)
-    return JobStore(backend)
+    return JobStore(backend, away_after_s=cfg.jobs.outage_after_s)

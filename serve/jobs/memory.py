@@ -58,6 +58,8 @@ class MemoryStore:
         self._windows: dict[str, deque[float]] = {}  # owner -> admission times in the window
         self._slots: dict[str, dict[str, float]] = {}  # owner -> slot id -> lease expiry
         self._finished: deque[str] = deque()  # the outbox: ended notify jobs not yet handed out, FIFO
+        self._notifying: dict[str, float] = {}  # handed out, delivery not over: job id -> the lease's end
+        self._resumed_until: float | None = None  # the end of the latest outage a `resume` reported
         self._work = 0  # moves when queued work may have become claimable (wait_for_work)
         self._woken: asyncio.Event | None = None  # set (and dropped) when it moves; made by a waiter
 
@@ -123,7 +125,7 @@ class MemoryStore:
         if slots.get(slot, now) <= now:  # gone, or lapsed: its place may be someone else's now
             slots.pop(slot, None)
             return False
-        slots[slot] = now + lease_s
+        slots[slot] = max(slots[slot], now + lease_s)  # a lease only grows (a late call may carry an old `now`)
         return True
 
     async def release(self, owner: str, slot: str, now: float) -> None:
@@ -234,8 +236,10 @@ class MemoryStore:
         job = self._running(job_id, runner)
         if job is None:
             return False
-        job.lease_until = now + lease_s
-        self._slots.setdefault(job.owner, {})[job_id] = job.lease_until
+        # A lease only grows: a heartbeat that waited on a frozen store carries the `now` it was sent at.
+        job.lease_until = max(job.lease_until or now, now + lease_s)
+        slots = self._slots.setdefault(job.owner, {})
+        slots[job_id] = max(slots.get(job_id, now), job.lease_until)
         return not job.cancel_requested
 
     async def log(self, job_id: str, runner: str, message: str, now: float) -> None:
@@ -284,6 +288,11 @@ class MemoryStore:
             elif job.expires_at is not None and job.expires_at <= now:
                 changed += 1
                 del self._jobs[job.id]
+        # Deliveries whose deliverer died: offered again, at the front, oldest lease first.
+        for _, job_id in sorted(((until, job_id) for job_id, until in self._notifying.items() if until <= now),
+                                reverse=True):
+            del self._notifying[job_id]
+            self._finished.appendleft(job_id)
         # After the loop, as in Redis: a job failed here is forgotten by a later pass, not this one.
         return changed + self._expire_unstarted(now)
 
@@ -314,14 +323,33 @@ class MemoryStore:
             self._finished.append(job.id)
         self._announce()  # its slot is free
 
-    async def take_finished(self, limit: int, now: float) -> list[Job]:
+    async def take_finished(self, limit: int, lease_s: float, now: float) -> list[Job]:
         taken = [self._finished.popleft() for _ in range(min(limit, len(self._finished)))]
-        return [self._jobs[job_id].model_copy() for job_id in taken if job_id in self._jobs]
+        taken = [job_id for job_id in taken if job_id in self._jobs]
+        for job_id in taken:
+            self._notifying[job_id] = now + lease_s
+        return [self._jobs[job_id].model_copy() for job_id in taken]
+
+    async def notified(self, job_id: str, now: float) -> None:
+        self._notifying.pop(job_id, None)
 
     async def renotify(self, job_id: str, now: float) -> None:
+        self._notifying.pop(job_id, None)
         job = self._jobs.get(job_id)
         if job is not None and job.status.terminal:
             self._finished.append(job_id)
+
+    async def resume(self, since: float, now: float) -> None:
+        away = now - max(since, self._resumed_until or since)
+        if away <= 0:
+            return
+        self._resumed_until = now
+        for job in self._jobs.values():
+            if job.status == JobStatus.RUNNING and job.lease_until is not None:
+                job.lease_until += away
+        for slots in self._slots.values():
+            for slot in slots:
+                slots[slot] += away
 
     async def counts(self, now: float) -> dict[str, int]:
         running = sum(1 for job in self._jobs.values() if job.status == JobStatus.RUNNING)

@@ -27,9 +27,11 @@ Keys, all under `<prefix>:`
   expiring        zset id -> expires_at of finished jobs (what `reap` forgets)
   finished        list of ended notify jobs' ids, in the order they ended (the outbox `take_finished`
                   drains)
+  notifying       zset id -> lease end of the ends handed out whose delivery is not over (`notified`)
   window:<owner>  zset unique sequence number -> admission time (the rolling rate window)
   slots:<owner>   zset slot id (or running job id) -> lease expiry (the concurrency cap)
   seq             counter: window members, queue order, accept order
+  resumed         the end of the latest outage a `resume` reported (an outage counts once)
   work            counter moved (and PUBLISHed on the channel of the same name) whenever queued work may
                   have become claimable: what idle runners wait on (`wait_for_work`)
 
@@ -147,10 +149,11 @@ local function announce()
   redis.call('PUBLISH', key('work'), redis.call('INCR', key('work')))
 end
 
--- Takes or extends a lease; the key outlives its longest lease.
+-- Takes or extends a lease, which only grows (a late call may carry an old `now`); the key outlives its
+-- longest lease.
 local function take_slot(owner, slot, expiry, now)
   local slots = key('slots', owner)
-  redis.call('ZADD', slots, expiry, slot)
+  redis.call('ZADD', slots, 'GT', expiry, slot)
   expire_after(slots, tonumber(redis.call('ZRANGE', slots, -1, -1, 'WITHSCORES')[2]), now)
 end
 
@@ -560,8 +563,9 @@ return false
     _HEARTBEAT = """
 local id, now = args.id, args.now
 if not running_by(id, args.runner) then return 0 end
--- A lapsed lease reap has not acted on is still this runner's: only a reap takes a job away.
-local job, expiry = key('job', id), now + args.lease_s
+-- A lapsed lease reap has not acted on is still this runner's: only a reap takes a job away. A lease only grows.
+local job = key('job', id)
+local expiry = math.max(now + args.lease_s, tonumber(redis.call('HGET', job, 'lease_until')) or now)
 redis.call('HSET', job, 'lease_until', expiry)
 redis.call('ZADD', key('running'), expiry, id)
 take_slot(redis.call('HGET', job, 'owner'), id, expiry, now)
@@ -641,6 +645,12 @@ table.sort(lost, function(a, b) return seq[a] > seq[b] end)
 for _, id in ipairs(lost) do lose(id, now, ttl, args.max_attempts, args.requeued, WORKER_LOST) end
 local expired = redis.call('ZRANGEBYSCORE', key('expiring'), '-inf', now)
 for _, id in ipairs(expired) do forget(id) end
+-- Deliveries whose deliverer died: offered again, at the front, oldest lease first.
+local undelivered = redis.call('ZRANGEBYSCORE', key('notifying'), '-inf', now)
+for i = #undelivered, 1, -1 do
+  redis.call('ZREM', key('notifying'), undelivered[i])
+  redis.call('LPUSH', key('finished'), undelivered[i])
+end
 -- The owners' queues hold every queued job, unless a replica of the previous version queued or dequeued
 -- some: then they are rebuilt from the queue (O(owners) to check, O(queue) only to rebuild).
 local owners, in_owner_queues = redis.call('ZRANGE', key('owners'), 0, -1), 0
@@ -672,15 +682,27 @@ local taken = {}
 for _ = 1, args.limit do
   local id = redis.call('LPOP', key('finished'))
   if not id then break end
-  if redis.call('EXISTS', key('job', id)) == 1 then taken[#taken + 1] = job_reply(id, 'read') end
+  if redis.call('EXISTS', key('job', id)) == 1 then
+    taken[#taken + 1] = job_reply(id, 'read')
+    redis.call('ZADD', key('notifying'), args.now + args.lease_s, id)
+  end
 end
 return taken
 """
 
-    async def take_finished(self, limit: int, now: float) -> list[Job]:
-        return [_job(reply) for reply in await self._run(self._TAKE_FINISHED, limit=limit)]
+    async def take_finished(self, limit: int, lease_s: float, now: float) -> list[Job]:
+        return [_job(reply) for reply in await self._run(self._TAKE_FINISHED, limit=limit, lease_s=lease_s,
+                                                          now=now)]
+
+    _NOTIFIED = """
+redis.call('ZREM', key('notifying'), args.id)
+"""
+
+    async def notified(self, job_id: str, now: float) -> None:
+        await self._run(self._NOTIFIED, id=job_id)
 
     _RENOTIFY = """
+redis.call('ZREM', key('notifying'), args.id)
 local status = redis.call('HGET', key('job', args.id), 'status')
 if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
   redis.call('RPUSH', key('finished'), args.id)
@@ -689,6 +711,34 @@ end
 
     async def renotify(self, job_id: str, now: float) -> None:
         await self._run(self._RENOTIFY, id=job_id)
+
+    # Slots are keyed by owner: found by name (SCAN), once per outage. Patterns escaped: a prefix or owner may
+    # hold glob characters.
+    _RESUME = r"""
+local now = args.now
+local away = now - math.max(args.since, tonumber(redis.call('GET', key('resumed'))) or args.since)
+if away <= 0 then return end
+redis.call('SET', key('resumed'), now)
+local running = redis.call('ZRANGE', key('running'), 0, -1, 'WITHSCORES')
+for i = 1, #running, 2 do
+  local expiry = tonumber(running[i + 1]) + away
+  redis.call('ZADD', key('running'), expiry, running[i])
+  redis.call('HSET', key('job', running[i]), 'lease_until', expiry)
+end
+local pattern, cursor = string.gsub(key('slots', ''), '[%*%?%[%]\\]', '\\%0') .. '*', '0'
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', pattern, 'COUNT', 1000)
+  cursor = page[1]
+  for _, slots in ipairs(page[2]) do
+    local held = redis.call('ZRANGE', slots, 0, -1, 'WITHSCORES')
+    for i = 1, #held, 2 do redis.call('ZADD', slots, tonumber(held[i + 1]) + away, held[i]) end
+    if #held > 0 then expire_after(slots, tonumber(held[#held]) + away, now) end
+  end
+until cursor == '0'
+"""
+
+    async def resume(self, since: float, now: float) -> None:
+        await self._run(self._RESUME, since=since, now=now)
 
     _COUNTS = """
 return {redis.call('ZCARD', key('queue')), redis.call('ZCARD', key('running'))}

@@ -9,8 +9,8 @@ a lost worker, a start deadline), and each is handed to one runner only. A runne
 job's outcome drains the outbox at once too, so a webhook does not wait for the next reap.
 
 Faults (docs/faults.md): a store call that fails is retried; a running job's work goes on through a store
-outage until its lease runs out unrenewed (then it stops and the job is re-queued), and its outcome is recorded
-once the store answers, never thrown away; a job whose engine died under it is re-queued (`requeue`).
+outage (its lease stands still meanwhile: `JobStore` tells the store how long it was away), and its outcome is
+recorded once the store answers, never thrown away; a job whose engine died under it is re-queued (`requeue`).
 
 A replica that stops drains its runner (`stop`): it claims nothing more at once, lets the jobs it runs
 finish within a bound (their heartbeats go on, so their leases hold), and abandons what is still running
@@ -43,9 +43,10 @@ class Executor(Protocol):
 
     async def run(self, job: Job, log: LogFn) -> JobResult: ...
 
-    def finished(self, job: Job) -> None:
+    def finished(self, job: Job) -> bool:
         """Called once per ended job with notify set, by whichever runner drains the store's outbox
-        (webhooks), with the terminal record; must not block."""
+        (webhooks), with the terminal record; must not block. True when a delivery started: it tells the store
+        when it is over (`notified`); until then the store offers it again if it outlives its lease."""
 
 
 # Ray Serve's default graceful_shutdown_wait_loop_s (our deployments keep it): a stopping replica looks at
@@ -69,7 +70,6 @@ def drain_budget_s(graceful_shutdown_timeout_s: float) -> float:
 
 
 ENGINE_LOST = "The model's engine stopped while running this request, each time it was tried; please retry."
-STORE_LOST = "The job store could not be reached while running this request, each time it was tried; please retry."
 
 
 class Outage:
@@ -186,14 +186,18 @@ class JobRunner:
             await asyncio.gather(waiting, *others, return_exceptions=True)
 
     async def _announce(self) -> None:
-        """Hand the ended notify jobs to their executors; a taken job is never offered again."""
+        """Hand the ended notify jobs to their executors. A delivery that started is leased until it is over
+        (at least once: a replica that dies mid-delivery leaves it to be sent again; docs/faults.md)."""
         try:
-            while jobs := await self._store.take_finished():
+            while jobs := await self._store.take_finished(self._cfg.notify_lease_s):
                 for job in jobs:
                     try:
-                        self._executors[job.api].finished(job)
+                        started = self._executors[job.api].finished(job)
                     except Exception:  # one API's failure must not cost the others their webhooks
                         log.exception("job runner: announcing the end of %s failed", job.id)
+                        started = False
+                    if not started:  # nothing to deliver (or it cannot be): not to be offered again
+                        await self._store.notified(job.id)
         except StoreUnavailable as exc:
             self._outage.began(exc)  # announced at the next reap
         except Exception:
@@ -205,9 +209,6 @@ class JobRunner:
         if job.attempts == 1 and job.started_at is not None:
             metrics().queue_wait(job.api, job.started_at - job.created_at)
         work = asyncio.create_task(executor.run(job, lambda msg: self._log(job.id, run, msg)))
-        loop = asyncio.get_running_loop()
-        held_until = loop.time() + self._cfg.lease_s  # our lease as we last renewed it
-        lapsed = False  # the work was stopped because the lease ran out unrenewed (a store outage)
         try:
             while not work.done():
                 await asyncio.wait([work], timeout=self._cfg.lease_s / 3)
@@ -215,24 +216,17 @@ class JobRunner:
                     break
                 try:
                     if await self._store.heartbeat(job.id, run, self._cfg.lease_s):
-                        held_until = loop.time() + self._cfg.lease_s
                         self._outage.ended()
                     else:
                         work.cancel()  # cancelled by its owner, or our lease is gone: stop the engine work
                 except StoreUnavailable as exc:
-                    # A blip: the work goes on while the lease may still hold. Past it another runner may
-                    # re-run the job, so the work stops rather than run twice (docs/faults.md).
+                    # The work goes on: its lease stands still while the store is away, and the first heartbeat
+                    # that gets through says whether the job is still ours (docs/faults.md).
                     self._outage.began(exc)
-                    if loop.time() >= held_until:
-                        lapsed = True
-                        work.cancel()
             self._free(job.id)  # its capacity, now: not once the outcome is recorded
             try:
                 result, error = work.result(), None
             except asyncio.CancelledError:
-                if lapsed:  # not the owner's cancel: the job goes back to the queue, as a reap would send it
-                    await self._give_back(job, run, JobError(kind=FailureKind.STORE_UNAVAILABLE, message=STORE_LOST))
-                    return
                 result, error = None, CANCELLED
             except EngineUnavailable as exc:
                 # The engine died under the job (docs/faults.md): back to the queue for the replacement, once;

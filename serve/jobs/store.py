@@ -14,6 +14,11 @@ Concurrency is counted in *slots*: a sync request in flight holds one, a running
 A job's full input is kept only while it is unfinished, for the runner that claims it; reads return it
 abridged, and when the job ends only the abridged one is kept (docs/bounds.md, "The job store").
 
+Leases stand still while the store is unreachable: nobody could renew them then. A replica whose store calls
+went unanswered for longer than `away_after_s` says so when the store answers again (`resume`, sent by
+`JobStore` before its next call), and every lease moves on by that time, so a job is not taken from a runner
+that kept working through the outage (docs/faults.md, "Store unreachable").
+
 Jobs with `notify` are announced when they end, however they end (a runner's outcome, a cancel while
 queued, reap, a start deadline): the store appends them to an outbox that runners drain
 (`take_finished`), so the API's executor sends its webhook even when no runner ran the job's end.
@@ -24,7 +29,7 @@ from __future__ import annotations
 import inspect
 import time
 import uuid
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from serve.jobs.models import Admission, CancelOutcome, Job, JobError, JobResult, Limits
 
@@ -82,17 +87,27 @@ class StoreBackend(Protocol):
 
     async def reap(self, now: float) -> int:
         """Recover jobs whose runner stopped renewing (each as `requeue` with WORKER_LOST: re-queued at the
-        front while attempts are left, then failed), fail queued jobs past their start deadline and forget
-        expired results. Returns how many jobs changed."""
+        front while attempts are left, then failed), fail queued jobs past their start deadline, forget
+        expired results and offer again the ends whose outbox lease ran out. Returns how many jobs changed."""
 
-    async def take_finished(self, limit: int, now: float) -> list[Job]:
-        """Up to `limit` ended notify jobs, oldest end first, each handed out once; forgotten ones skipped."""
+    async def take_finished(self, limit: int, lease_s: float, now: float) -> list[Job]:
+        """Up to `limit` ended notify jobs, oldest end first, each handed out once and leased for `lease_s`: one
+        whose delivery is not over by then (`notified`: its deliverer died) is offered again by `reap`, at the
+        front. Forgotten ones skipped."""
+
+    async def notified(self, job_id: str, now: float) -> None:
+        """The delivery of a job's end is over (acknowledged, or given up): its outbox lease goes."""
 
     async def renotify(self, job_id: str, now: float) -> None:
-        """Offer an ended job's end again (its webhook delivery was cut short by a stopping replica)."""
+        """Offer an ended job's end again at once (its delivery was cut short by a stopping replica)."""
 
     async def counts(self, now: float) -> dict[str, int]:
         """Jobs queued and running, all owners (for the metrics)."""
+
+    async def resume(self, since: float, now: float) -> None:
+        """A caller could not reach the store from `since` until `now`: nobody could renew a lease meanwhile, so
+        every lease (running jobs', slots') moves on by that time, less what an earlier `resume` already covered
+        (every replica that lived through an outage reports it; it counts once)."""
 
     async def wait_for_work(self, seen: int, timeout_s: float, now: float) -> int:
         """The store's work counter, once it differs from `seen`, or after `timeout_s`. It moves whenever
@@ -106,61 +121,82 @@ STORE_OPERATIONS: tuple[str, ...] = tuple(
 
 
 class JobStore:
-    def __init__(self, backend: StoreBackend, clock: Callable[[], float] = time.time):
+    """away_after_s: how long this replica's calls may go unanswered before it tells the store it was away
+    (`resume`); None never does (tools and tests that move the clock by hand)."""
+
+    def __init__(self, backend: StoreBackend, clock: Callable[[], float] = time.time,
+                 away_after_s: float | None = None):
         self._backend = backend
         self._clock = clock
+        self._away_after_s = away_after_s
+        self._answered: float | None = None  # the latest time a call of ours was sent at and answered
+
+    async def _call(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        """Run one operation at the current time. After an outage (nothing answered for away_after_s: the
+        runner calls every reap_interval_s), `resume` goes first. A call sent before a freeze and answered after
+        it counts from when it was sent, as the store saw it."""
+        now = self._clock()
+        answered = self._answered
+        if self._away_after_s is not None and answered is not None and now - answered > self._away_after_s:
+            await self._backend.resume(answered, now)
+        result = await getattr(self._backend, op)(*args, now, **kwargs)
+        self._answered = max(self._answered or now, now)
+        return result
 
     async def admit(self, owner: str, limits: Limits, lease_s: float) -> Admission:
-        return await self._backend.admit(owner, limits, uuid.uuid4().hex, lease_s, self._clock())
+        return await self._call("admit", owner, limits, uuid.uuid4().hex, lease_s)
 
     async def renew(self, owner: str, slot: str, lease_s: float) -> bool:
-        return await self._backend.renew(owner, slot, lease_s, self._clock())
+        return await self._call("renew", owner, slot, lease_s)
 
     async def release(self, owner: str, slot: str) -> None:
-        await self._backend.release(owner, slot, self._clock())
+        await self._call("release", owner, slot)
 
     async def enqueue(self, job: Job, limits: Limits, *, cap_pending: bool) -> Admission:
-        return await self._backend.enqueue(job, limits, cap_pending, self._clock())
+        return await self._call("enqueue", job, limits, cap_pending)
 
     async def get(self, job_id: str, owner: str, *, brief: bool = False) -> Job | None:
         """The job with its input abridged, or None for an unknown id or another key's job. brief: without
         the result too (it grows with the answer), for status polls."""
-        return await self._backend.get(job_id, owner, self._clock(), brief)
+        return await self._call("get", job_id, owner, brief=brief)
 
     async def claim(self, runner: str, lease_s: float) -> Job | None:
-        return await self._backend.claim(runner, lease_s, self._clock())
+        return await self._call("claim", runner, lease_s)
 
     async def heartbeat(self, job_id: str, runner: str, lease_s: float) -> bool:
-        return await self._backend.heartbeat(job_id, runner, lease_s, self._clock())
+        return await self._call("heartbeat", job_id, runner, lease_s)
 
     async def log(self, job_id: str, runner: str, message: str) -> None:
-        await self._backend.log(job_id, runner, message, self._clock())
+        await self._call("log", job_id, runner, message)
 
     async def finish(
         self, job_id: str, runner: str, *, result: JobResult | None = None, error: JobError | None = None
     ) -> bool:
-        return await self._backend.finish(job_id, runner, result, error, self._clock())
+        return await self._call("finish", job_id, runner, result, error)
 
     async def requeue(self, job_id: str, runner: str, error: JobError) -> bool:
-        return await self._backend.requeue(job_id, runner, error, self._clock())
+        return await self._call("requeue", job_id, runner, error)
 
     async def cancel(self, job_id: str, owner: str) -> CancelOutcome:
-        return await self._backend.cancel(job_id, owner, self._clock())
+        return await self._call("cancel", job_id, owner)
 
     async def reap(self) -> int:
-        return await self._backend.reap(self._clock())
+        return await self._call("reap")
 
-    async def take_finished(self, limit: int = 100) -> list[Job]:
-        return await self._backend.take_finished(limit, self._clock())
+    async def take_finished(self, lease_s: float, limit: int = 100) -> list[Job]:
+        return await self._call("take_finished", limit, lease_s)
+
+    async def notified(self, job_id: str) -> None:
+        await self._call("notified", job_id)
 
     async def renotify(self, job_id: str) -> None:
-        await self._backend.renotify(job_id, self._clock())
+        await self._call("renotify", job_id)
 
     async def counts(self) -> dict[str, int]:
-        return await self._backend.counts(self._clock())
+        return await self._call("counts")
 
     async def wait_for_work(self, seen: int, timeout_s: float) -> int:
-        return await self._backend.wait_for_work(seen, timeout_s, self._clock())
+        return await self._call("wait_for_work", seen, timeout_s)
 
     async def aclose(self) -> None:
         """Close the backend's connections, where it holds any (Redis)."""

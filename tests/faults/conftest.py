@@ -9,7 +9,9 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,12 @@ KEYS = [
     {"key": SYNC_KEY, "name": "faults-sync", "rate_per_minute": 100_000, "max_concurrent": 4},
 ]
 LEASE_S = 4.0
+# Webhook deliveries short enough to watch: 3 attempts of at most 2 s, 2 s and 4 s apart (a 12 s window), each
+# held by its replica for that long before another one takes it over.
+WEBHOOKS = {"attempts": 3, "backoff_s": 2.0, "timeout_s": 2.0}
+NOTIFY_LEASE_S = 12.0
 REAP_INTERVAL_S = 0.5
+OUTAGE_AFTER_S = 1.5  # between the reaps and two thirds of a lease
 
 
 class RedisServer:
@@ -119,8 +126,60 @@ def faults_config(tiny_model_dir, tmp_path_factory, faults_redis) -> ServeConfig
     data = local_stack_data(tiny_model_dir, KEYS, tmp_path_factory.mktemp("keys"))
     data["telemetry"]["metrics_route"] = False
     data["store"] = {"backend": "redis", "redis_url": faults_redis.url}
-    data["jobs"] = {"lease_s": LEASE_S, "reap_interval_s": REAP_INTERVAL_S}
+    data["jobs"] = {"lease_s": LEASE_S, "reap_interval_s": REAP_INTERVAL_S, "outage_after_s": OUTAGE_AFTER_S,
+                    "notify_lease_s": NOTIFY_LEASE_S}
+    data["webhooks"] = WEBHOOKS
+    data.setdefault("media", {})["allow_networks"] = ["127.0.0.1/32"]  # the tests' webhook receiver
     return parse_config(data, CONFIGS, env={})
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1: counts the acknowledged deliveries per job id (fal's `request_id`,
+    Eachlabs' `exec_id`). With `refuse_first`, each job's first attempt is answered 503, so its delivery waits to
+    retry (a replica that dies then takes it along)."""
+
+    def __init__(self):
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.acked: Counter = Counter()
+        self.refused: Counter = Counter()
+        self.refuse_first = False
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                job_id = payload.get("request_id") or payload.get("exec_id") or "?"
+                with receiver._lock:
+                    refuse = receiver.refuse_first and not receiver.refused[job_id]
+                    (receiver.refused if refuse else receiver.acked)[job_id] += 1
+                self.send_response(503 if refuse else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def delivered(self, job_ids) -> dict[str, int]:
+        with self._lock:
+            return {job_id: self.acked[job_id] for job_id in job_ids}
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture(scope="session")
+def receiver():
+    rx = Receiver()
+    yield rx
+    rx.close()
 
 
 @pytest.fixture(scope="package")

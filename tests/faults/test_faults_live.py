@@ -36,7 +36,7 @@ import requests
 from ray import serve
 
 from serve.api.health import Readiness
-from serve.app import ENGINE_DEPLOYMENT
+from serve.app import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT
 from serve.jobs.factory import build_store
 from serve.jobs.models import REQUEUED
 from tests.conftest import data_uri
@@ -71,6 +71,7 @@ class Load:
 
     base: str
     tokens: int
+    webhook: str  # every job's webhook (the receiver counts deliveries by job id)
     jobs: dict[str, Tracked] = field(default_factory=dict)
     sync: Counter = field(default_factory=Counter)  # "ok", "failed cleanly: <why>", "refused 429", "unexpected ..."
     submits: Counter = field(default_factory=Counter)  # submit/create answers that accepted nothing
@@ -108,11 +109,12 @@ class Load:
     def submit_fal(self) -> str | None:
         body = {"prompt": "Describe the picture.", "image_url": IMAGE, "max_new_tokens": self.tokens,
                 "temperature": 0}
-        return self._accept("fal", "fal submit", f"/queue{APP}", body, FAL, "request_id")
+        return self._accept("fal", "fal submit", f"/queue{APP}?fal_webhook={self.webhook}", body, FAL, "request_id")
 
     def create_each(self) -> str | None:
-        body = {"model": "llava-13b", "input": {"image": IMAGE, "prompt": "Describe the picture.",
-                                                 "max_tokens": self.tokens, "temperature": 0}}
+        body = {"model": "llava-13b", "webhook_url": self.webhook,
+                "input": {"image": IMAGE, "prompt": "Describe the picture.", "max_tokens": self.tokens,
+                          "temperature": 0}}
         return self._accept("eachlabs", "eachlabs create", "/v1/prediction/", body, EACH, "predictionID")
 
     def _accept(self, api: str, op: str, path: str, body: dict, headers: dict, id_field: str) -> str | None:
@@ -318,9 +320,9 @@ def wait_until(what: str, check, timeout_s: float, every_s: float = 0.5):
         time.sleep(every_s)
 
 
-def engine_pid(app_name: str) -> int:
-    """The engine replica's process, by its title (Ray names a replica's worker `ServeReplica:<app>:<deployment>`)."""
-    title = f"ServeReplica:{app_name}:{ENGINE_DEPLOYMENT}".encode()
+def replica_pid(app_name: str, deployment: str = ENGINE_DEPLOYMENT) -> int:
+    """A replica's process, by its title (Ray names a replica's worker `ServeReplica:<app>:<deployment>`)."""
+    title = f"ServeReplica:{app_name}:{deployment}".encode()
     found: dict[int, int] = {}  # pid: parent's pid
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
@@ -352,6 +354,10 @@ class Row:
     stats_before: dict | None = None
     stats_ended: dict | None = None  # the engine's counters once every job ended (before the slot probes)
     rerun_logs: dict[str, list[tuple[float, str]]] = field(default_factory=dict)  # a re-run job's log lines
+    webhooks: dict[str, int] = field(default_factory=dict)  # acknowledged deliveries per job
+
+    def undelivered(self) -> list[str]:
+        return [rid for rid, n in self.webhooks.items() if not n]
 
     def regenerated(self) -> dict[str, int]:
         """Jobs whose finished generation ran again: by their log lines, and the engine's surplus."""
@@ -393,6 +399,10 @@ class Row:
         line(f"unexpected 5xx {len(self.load.unexpected)}"
              + (f": {self.load.unexpected[:5]}" if self.load.unexpected else ""))
         line(f"abandoned running {len(self.abandoned)}" + (f": {self.abandoned}" if self.abandoned else ""))
+        twice = {rid: n for rid, n in self.webhooks.items() if n > 1}
+        line(f"webhooks delivered {sum(1 for n in self.webhooks.values() if n)} of {len(self.webhooks)} jobs, at "
+             f"least once (receivers dedupe by the payload's id): {len(twice)} delivered more than once"
+             + (f" {twice}" if twice else "") + (f"; never: {self.undelivered()}" if self.undelivered() else ""))
         slots = "never (within the test's deadline)" if self.slots_s is None else f"{self.slots_s:.1f} s"
         line(f"every key's slots usable again after {slots}; {self.recovery}")
 
@@ -402,11 +412,15 @@ def readyz_summary(load: Load, start: float, end: float) -> str:
     return ", ".join(f"{n} x {code}" for code, n in sorted(codes.items())) or "none"
 
 
-def settle(row: Row, base: str, faults_redis, cleared_at: float, jobs_timeout_s: float) -> dict:
-    """After the fault: every job ends, nothing runs, every key's slots come back; the times, from `cleared_at`."""
+def settle(row: Row, base: str, faults_redis, cleared_at: float, jobs_timeout_s: float, receiver) -> dict:
+    """After the fault: every job ends, nothing runs, every key's slots come back, every webhook is delivered;
+    the times, from `cleared_at`."""
     load, cfg = row.load, row.cfg
     wait_until("jobs ended", lambda: not load.unfinished(), jobs_timeout_s)
     ended_s = time.monotonic() - cleared_at
+    # A delivery its replica could not finish is taken over once its outbox lease (12 s) runs out.
+    wait_until("webhooks", lambda: all(receiver.delivered(load.jobs).values()), 60)
+    row.webhooks = receiver.delivered(load.jobs)
     row.stats_ended = engine_stats(cfg)
     if row.stats_before and row.stats_ended:
         # A finished generation per job and per sync run at most (a run refused before the engine adds none):
@@ -511,17 +525,18 @@ ENGINE_TOKENS = 1024  # seconds of work at the batch this load makes, so that th
 STORE_TOKENS = 512
 
 
-def test_engine_replica_killed_mid_generation(stack, faults_config, redis_running, background, report_cost):
+def test_engine_replica_killed_mid_generation(stack, faults_config, redis_running, background, report_cost,
+                                              receiver):
     cfg = faults_config
     ready_now(stack)
     quiet(cfg)
-    load = Load(stack, ENGINE_TOKENS)
+    load = Load(stack, ENGINE_TOKENS, receiver.url)
     start_load(load, background, fal_jobs=6, each_jobs=4, sync_threads=3)
     running = wait_generating(cfg, at_least=8)
     records_before, _ = stored(cfg, load.jobs)
     running_jobs = {rid for rid, job in records_before.items() if job is not None and job.status.value == "running"}
 
-    pid = engine_pid(cfg.app_name)
+    pid = replica_pid(cfg.app_name)
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
     background.start("submit", load.submitter, 4)  # new jobs while the replica is gone
@@ -544,7 +559,7 @@ def test_engine_replica_killed_mid_generation(stack, faults_config, redis_runnin
     row = Row("engine replica kill -9", load, cfg)
     row.recovery = (f"readyz {readyz_summary(load, killed_at, killed_at + ready_s)} until 200 after {ready_s:.1f} s; "
                     f"a fresh run after it: {fresh.status_code}; ")
-    settle(row, stack, redis_running, killed_at, jobs_timeout_s=240)
+    settle(row, stack, redis_running, killed_at, jobs_timeout_s=240, receiver=receiver)
     background.stop("poll")
     background.stop("readyz")
     per_job, rerun = row.per_job, row.rerun()
@@ -552,7 +567,7 @@ def test_engine_replica_killed_mid_generation(stack, faults_config, redis_runnin
                      f"{running['running']} generations")
     row.report(report_cost)
 
-    assert pid not in (engine_pid(cfg.app_name),)  # Serve replaced the replica
+    assert pid not in (replica_pid(cfg.app_name),)  # Serve replaced the replica
     assert ready and fresh.status_code == 200, fresh.text
     assert not row.lost()
     assert all(job.final == "succeeded" for job in load.jobs.values()), Counter(j.final for j in load.jobs.values())
@@ -566,12 +581,71 @@ def test_engine_replica_killed_mid_generation(stack, faults_config, redis_runnin
     assert set(load.sync) <= {"ok", "failed cleanly: 503 runner_disconnected"}, load.sync
     assert not row.abandoned
     assert row.slots_s is not None
+    assert not row.undelivered()
 
 
-def store_fault(name: str, inject, stack, cfg, faults_redis, background, report_cost, *, within_lease: bool) -> None:
-    """One store fault with the load in flight. `inject()` returns once the store is back."""
+def test_ingress_replica_killed_with_jobs_running_and_webhooks_waiting(stack, faults_config, redis_running,
+                                                                       background, report_cost, receiver):
+    """The ingress replica (its runner, its webhook deliveries) dies: its running jobs' leases lapse and the
+    replacement's runner re-queues them; each delivery it was retrying is taken over once its outbox lease runs out.
+    The stack has one ingress replica, so requests get 503s from Serve's proxy until the replacement is up: those
+    are counted, not failed (production runs two or more, behind a load balancer that retries)."""
+    cfg = faults_config
     ready_now(stack)
-    load = Load(stack, STORE_TOKENS)
+    load = Load(stack, ENGINE_TOKENS, receiver.url)
+    row = Row("ingress replica kill -9", load, cfg, stats_before=quiet(cfg))
+    receiver.refuse_first = True  # every delivery waits 2 s to retry after its first attempt
+    try:
+        start_load(load, background, fal_jobs=6, each_jobs=2, sync_threads=0)
+        wait_generating(cfg, at_least=6)
+        # Two short predictions beside the long jobs: they end at once, and their webhooks wait to retry when the
+        # replica dies, while the long jobs are early in their generations (some fal jobs queued behind its cap).
+        load.tokens = 4
+        short = [load.create_each(), load.create_each()]
+        wait_until("deliveries refused", lambda: all(receiver.refused[rid] for rid in short), 60, every_s=0.05)
+        records_before, _ = stored(cfg, load.jobs)
+        running_jobs = {rid for rid, job in records_before.items() if job is not None and job.status.value == "running"}
+        waiting = {rid for rid in load.jobs if receiver.refused[rid] and not receiver.acked[rid]}
+        pid = replica_pid(cfg.app_name, INGRESS_DEPLOYMENT)
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        background.stop("poll")  # Serve's proxy has nowhere to send them until the replacement is up
+        ready = wait_until("ready", lambda: requests.get(f"{stack}/readyz", timeout=30).status_code == 200, 120)
+        ready_s = time.monotonic() - killed_at
+        background.start("poll", load.poller)
+        load.tokens = ENGINE_TOKENS
+        row.recovery = (f"ready again after {ready_s:.1f} s ({len(running_jobs)} jobs running at the kill, "
+                        f"{len(waiting)} webhooks waiting to retry); ")
+        settle(row, stack, redis_running, killed_at, jobs_timeout_s=180, receiver=receiver)
+    finally:
+        receiver.refuse_first = False
+    background.stop("poll")
+    background.stop("readyz")
+    rerun = row.rerun()
+    row.rerun_why = f"the jobs running on the dead replica: {len(running_jobs)}"
+    row.report(report_cost)
+
+    assert replica_pid(cfg.app_name, INGRESS_DEPLOYMENT) != pid and ready
+    assert not row.lost()
+    assert all(job.final == "succeeded" for job in load.jobs.values()), Counter(j.final for j in load.jobs.values())
+    assert not row.regenerated(), row.per_job
+    assert row.engine_surplus == 0  # the dead replica's generations were aborted, not run to their end
+    assert rerun <= running_jobs, (rerun, running_jobs)
+    assert all(attempts <= 2 and requeued == attempts - 1 for attempts, _, requeued in row.per_job.values())
+    assert all(reason.endswith("503") or "runner" in reason for reason in load.clean_5xx), load.clean_5xx
+    assert not [u for u in load.unexpected if not u.startswith(("fal status: 503", "eachlabs get: 503",
+                                                                "fal result: 503"))], load.unexpected
+    assert not row.abandoned
+    assert row.slots_s is not None
+    assert not row.undelivered()
+
+
+def store_fault(name: str, inject, stack, cfg, faults_redis, background, report_cost, receiver, *,
+                long: bool) -> None:
+    """One store fault with the load in flight. `inject()` returns once the store is back. long: past the leases
+    (readiness must have said 503 meanwhile)."""
+    ready_now(stack)
+    load = Load(stack, STORE_TOKENS, receiver.url)
     row = Row(name, load, cfg, stats_before=quiet(cfg))
     start_load(load, background, fal_jobs=6, each_jobs=4, sync_threads=2)
     wait_generating(cfg, at_least=6)
@@ -588,12 +662,11 @@ def store_fault(name: str, inject, stack, cfg, faults_redis, background, report_
 
     row.recovery = (f"fault {cleared_at - fault_at:.1f} s, readyz during it {readyz_summary(load, fault_at, cleared_at)}, "
                     f"{done_before} jobs had ended before it; ")
-    settle(row, stack, faults_redis, cleared_at, jobs_timeout_s=120)
+    settle(row, stack, faults_redis, cleared_at, jobs_timeout_s=120, receiver=receiver)
     background.stop("poll")
     background.stop("readyz")
     rerun = row.rerun()
-    row.rerun_why = ("the fault was shorter than a lease: none expected" if within_lease
-                     else "work stopped when its lease ran out unrenewed goes back to the queue")
+    row.rerun_why = "leases stand still while the store is away: none expected"
     # Ready again soon: a pooled connection that the restart broke fails once (one cached 503), then reconnects.
     asked, ready_after = time.monotonic(), 0
     while ready_after != 200 and time.monotonic() < asked + 10:
@@ -607,30 +680,36 @@ def store_fault(name: str, inject, stack, cfg, faults_redis, background, report_
     assert not row.lost()
     assert all(job.final == "succeeded" for job in load.jobs.values()), Counter(j.final for j in load.jobs.values())
     assert all(job.tokens in (None, STORE_TOKENS) for job in load.jobs.values())
-    if within_lease:
-        # Past the leases a generation that ended in the outage may be run again: a reap sent during it runs
-        # when the store is back, before the runner's outcome (docs/faults.md, "What is not yet true"). The run
-        # reports how many; within a lease none may be.
-        assert not row.regenerated(), row.per_job
-        assert row.engine_surplus == 0
-    assert all(attempts <= 2 and requeued == attempts - 1 for attempts, _, requeued in row.per_job.values()), row.per_job
-    if within_lease:
-        assert not rerun, row.per_job
+    # However long the outage: no finished generation runs again, and no job is re-run (its lease stood still
+    # while the store was away, so no reap took it from the runner that kept working).
+    assert not row.regenerated(), row.per_job
+    assert row.engine_surplus == 0
+    assert not rerun, row.per_job
     assert not load.unexpected
     assert not row.abandoned
     assert row.slots_s is not None
     assert ready_after == 200
-    if not within_lease and READINESS_ASKS_THE_STORE:
+    assert not row.undelivered()
+    if long and READINESS_ASKS_THE_STORE:
         assert any(fault_at <= t <= cleared_at and c == 503 for t, c in load.readyz), load.readyz
 
 
 RESTART_DOWN_S = 1.0
+OUTAGE_S = 20.0  # past several leases (LEASE_S): nobody can renew a lease through it
 
 
-def test_redis_restarted_with_jobs_in_flight(stack, faults_config, redis_running, background, report_cost):
-    # A restart: down about a second, well within a lease (LEASE_S), so no running job need stop.
+def test_redis_restarted_with_jobs_in_flight(stack, faults_config, redis_running, background, report_cost, receiver):
+    # A restart: down about a second, within a lease (LEASE_S).
     store_fault("redis restart", lambda: redis_running.restart(down_s=RESTART_DOWN_S), stack, faults_config,
-                redis_running, background, report_cost, within_lease=True)
+                redis_running, background, report_cost, receiver, long=False)
+
+
+def test_redis_stopped_past_the_leases_with_jobs_in_flight(stack, faults_config, redis_running, background,
+                                                          report_cost, receiver):
+    # Stopped (connections refused: every call fails at once) for several leases, then started on its data.
+    assert OUTAGE_S > 3 * LEASE_S
+    store_fault(f"redis stopped {OUTAGE_S:.0f} s", lambda: redis_running.restart(down_s=OUTAGE_S), stack,
+                faults_config, redis_running, background, report_cost, receiver, long=True)
 
 
 def frozen(redis_running, seconds: float):
@@ -644,17 +723,17 @@ def frozen(redis_running, seconds: float):
 
 
 SHORT_FREEZE_S = LEASE_S / 2  # within every running job's lease (renewed every LEASE_S / 3)
-FREEZE_S = 15.0  # past several leases (LEASE_S): every running job's lease lapses while its runner waits
 
 
 def test_redis_frozen_within_a_lease_with_jobs_in_flight(stack, faults_config, redis_running, background,
-                                                         report_cost):
+                                                         report_cost, receiver):
     store_fault(f"redis frozen {SHORT_FREEZE_S:.0f} s (SIGSTOP)", frozen(redis_running, SHORT_FREEZE_S), stack,
-                faults_config, redis_running, background, report_cost, within_lease=True)
+                faults_config, redis_running, background, report_cost, receiver, long=False)
 
 
 def test_redis_frozen_past_the_leases_with_jobs_in_flight(stack, faults_config, redis_running, background,
-                                                          report_cost):
-    assert FREEZE_S > 3 * LEASE_S
-    store_fault(f"redis frozen {FREEZE_S:.0f} s (SIGSTOP)", frozen(redis_running, FREEZE_S), stack, faults_config,
-                redis_running, background, report_cost, within_lease=False)
+                                                          report_cost, receiver):
+    # Frozen (calls neither answered nor refused: they wait, and run when it resumes, carrying the time they
+    # were sent at) for several leases.
+    store_fault(f"redis frozen {OUTAGE_S:.0f} s (SIGSTOP)", frozen(redis_running, OUTAGE_S), stack,
+                faults_config, redis_running, background, report_cost, receiver, long=True)

@@ -38,7 +38,7 @@ def hostile_config(tiny_model_dir, tmp_path_factory, hostile_redis_url) -> Serve
     data["auth"]["reload_interval_s"] = KEYS_RELOAD_S
     data["telemetry"]["metrics_route"] = False  # as in production: no key names on the API port
     data["store"] = {"backend": "redis", "redis_url": hostile_redis_url}
-    data["jobs"] = {"lease_s": 3.0, "reap_interval_s": 0.5}
+    data["jobs"] = {"lease_s": 3.0, "reap_interval_s": 0.5, "outage_after_s": 1.5}
     data["media"]["allow_networks"] = ["127.0.0.1/32"]
     # Bounds small enough to reach in a test (production defaults: docs/configuration.md).
     data["media"]["max_image_bytes"] = 2 * 2**20

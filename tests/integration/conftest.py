@@ -52,7 +52,7 @@ def stack_config(tiny_model_dir, tmp_path_factory) -> ServeConfig:
     data["ingress"]["num_replicas"] = 2  # limits and jobs must hold across replicas
     # Pinned by a custom resource, as in production: `llava-serve run` must offer it on its one machine.
     data["ingress"]["resources"] = {"llava_ingress": 1}
-    data["jobs"] = {"lease_s": 3.0, "reap_interval_s": 0.5}  # quick crash recovery
+    data["jobs"] = {"lease_s": 3.0, "reap_interval_s": 0.5, "outage_after_s": 1.5}  # quick crash recovery
     # The tests' own image server runs on 127.0.0.1; every other non-public address stays refused.
     data["media"]["allow_networks"] = ["127.0.0.1/32"]
     data["telemetry"] = {"metrics_report_interval_s": 1.0, "metrics_route": True}  # metrics reach /metrics within a second or two

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 from PIL import Image
+import ray
 from ray import serve
 
 from serve.app import ENGINE_DEPLOYMENT, engine_app
@@ -64,3 +65,39 @@ def test_closing_the_stream_cancels_the_injected_engine_call(fake_engine_app):
     while fake_engine_app.stats.remote().result()["cancelled"] == before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert fake_engine_app.stats.remote().result()["cancelled"] == before + 1
+
+
+@ray.remote(num_cpus=0)
+class Ingress:
+    """Stands for an ingress replica: calls the engine through a HandleEngine of its own (which gives each call
+    this actor as its caller)."""
+
+    async def generate(self, app: str, max_tokens: int) -> None:
+        from PIL import Image
+
+        from serve.app import ENGINE_DEPLOYMENT
+        from serve.engine.server import HandleEngine
+        from serve.engine.types import GenerationRequest, collect
+
+        engine = HandleEngine(serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app))
+        await collect(engine.generate(GenerationRequest(
+            request_id="caller-dies", owner="tests", prompt="USER: <image>\nhi ASSISTANT:",
+            image=Image.new("RGB", (8, 8)), max_tokens=max_tokens, temperature=0.0, top_p=1.0)))
+
+
+def test_the_generations_of_an_ingress_replica_that_died_are_aborted(fake_engine_app):
+    """Ray does not cancel an actor call whose caller died: the engine replica notices (CallerWatch) and aborts
+    the call within engine_deployment.caller_check_s (1 s), instead of generating for nobody."""
+    before = fake_engine_app.stats.remote().result()
+    caller = Ingress.remote()
+    caller.generate.remote(APP, 2000)  # 40 s of tokens on the fake engine
+    deadline = time.monotonic() + 30
+    while fake_engine_app.stats.remote().result()["requests"] == before["requests"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ray.kill(caller)
+    killed = time.monotonic()
+    while fake_engine_app.stats.remote().result()["cancelled"] == before["cancelled"] and time.monotonic() < killed + 10:
+        time.sleep(0.05)
+    aborted_after = time.monotonic() - killed
+    print(f"\nthe dead caller's generation aborted {aborted_after:.2f} s after its death")
+    assert fake_engine_app.stats.remote().result()["cancelled"] == before["cancelled"] + 1  # not 40 s later

@@ -2,13 +2,18 @@
 `llava-serve run` on its own local Ray (the rest of the suite's stack runs Serve's own proxy).
 
 fal's Python client runs a queue job (submit, status polls, result) and a sync run through HAProxy, with
-a wide image: its decoded pixels, more than gRPC's default 4 MiB message, travel to the engine by gRPC.
+a wide image: its decoded pixels, more than gRPC's default 4 MiB message, travel to the engine by gRPC. Sync
+requests whose clients hang up stop generating within a second, measured by vLLM's own token counters.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import socket
 import sys
+import time
+from urllib.parse import urlsplit
 
 import fal_client
 import fal_client.client as fal_module
@@ -19,7 +24,7 @@ from PIL import Image
 
 from serve.config import parse_config
 from serve.engine.tiny_model import IMAGE_SEQ_LENGTH
-from tests.conftest import CONFIGS, LOCAL_KEY, ROOT, free_port
+from tests.conftest import CONFIGS, LOCAL_KEY, ROOT, data_uri, free_port
 from tests.integration.conftest import exchange
 
 sys.path.insert(0, str(ROOT / "loadtest"))
@@ -36,6 +41,7 @@ def haproxy_stack(tiny_model_dir, tmp_path_factory):
     data["http"]["proxy"] = "haproxy"
     port = free_port()
     data["http"]["public_base_url"] = f"http://127.0.0.1:{port}"  # required with haproxy: where clients reach it
+    data["telemetry"]["metrics_report_interval_s"] = 0.5  # vLLM's counters on /metrics within half a second
     config = work / "haproxy.yaml"
     config.write_text(yaml.safe_dump(data))
     assert parse_config(data, CONFIGS, env={}).http.proxy == "haproxy"
@@ -86,3 +92,51 @@ def test_an_oversized_body_is_refused_through_haproxy_before_it_is_sent(haproxy_
     status, body, seconds = exchange(haproxy_stack, head)
     assert status == 413 and body["error_type"] == "request_too_large", body
     assert seconds < 2, f"{seconds:.2f} s to the 413"
+
+
+def vllm_tokens(base: str) -> float:
+    """vLLM's own counter of the tokens it generated, summed over engine replicas."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(requests.get(f"{base}/metrics", timeout=30).text)
+               for sample in family.samples if sample.name == "ray_vllm_generation_tokens_total")
+
+
+LONG = 2048  # tokens each abandoned request asks for: far more than it generates before its client leaves
+CLIENTS = 20  # past the engine's batch (max_num_seqs 16): some generate, some wait in vLLM's queue
+
+
+def test_sync_requests_whose_clients_hang_up_stop_generating_within_a_second(haproxy_stack):
+    """Clients that give up (their socket closed, as a timed-out HTTP client does) under a saturated engine: each
+    generation stops in vLLM within a second of the hang-up, running or waiting. Measured by vLLM's token counter:
+    its value read one second after the clients left (exported every half second, so at most that old) is its
+    final one: no token came after it."""
+    url = urlsplit(haproxy_stack)
+    body = json.dumps({"prompt": "Describe the picture in detail.", "image_url": data_uri(),
+                       "max_new_tokens": LONG, "temperature": 0}).encode()
+    head = (f"POST /{APP} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Key {LOCAL_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    before = vllm_tokens(haproxy_stack)
+    socks = []
+    for _ in range(CLIENTS):
+        sock = socket.create_connection((url.hostname, url.port), timeout=30)
+        sock.sendall(head + body)
+        socks.append(sock)
+    sent = time.monotonic()
+    try:
+        deadline = sent + 60
+        while vllm_tokens(haproxy_stack) < before + 16 * 20 and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the batch is generating
+    finally:
+        for sock in socks:
+            sock.close()  # FIN, as a client that times out closes its connection
+    left = time.monotonic()
+    time.sleep(max(0.0, left + 1.0 - time.monotonic()))
+    at_one_second = vllm_tokens(haproxy_stack)
+    time.sleep(3.0)  # six exports: a generation still running would move the counter
+    final = vllm_tokens(haproxy_stack)
+    print(f"haproxy hang-ups: {CLIENTS} clients left {left - sent:.1f} s in; vLLM generated {final - before:.0f} "
+          f"tokens for them ({LONG * CLIENTS} asked), {final - at_one_second:.0f} of them later than a second after "
+          "the clients left")
+    assert final - before >= 16 * 20, "the engine never got going"
+    assert final == at_one_second, "a generation went on past a second after its client left"

@@ -109,7 +109,7 @@ async def test_an_unreachable_redis_is_store_unavailable():
 
 
 OPS = ["admit", "renew", "release", "enqueue", "enqueue", "get", "claim", "claim", "heartbeat", "log", "finish",
-       "requeue", "cancel", "reap", "take_finished", "renotify", "counts", "wait_for_work"]
+       "requeue", "cancel", "reap", "take_finished", "notified", "renotify", "counts", "resume", "wait_for_work"]
 
 
 def random_call(rng: random.Random, now: float, slots: list[tuple[str, str]], jobs: list[str]) -> tuple[str, tuple]:
@@ -144,7 +144,8 @@ def random_call(rng: random.Random, now: float, slots: list[tuple[str, str]], jo
         "claim": ("claim", (runner, lease, now)), "heartbeat": ("heartbeat", (job_id, runner, lease, now)),
         "log": ("log", (job_id, runner, f"line at {now}", now)),
         "requeue": ("requeue", (job_id, runner, JobError(kind="unavailable", message="engine lost"), now)),
-        "take_finished": ("take_finished", (rng.randint(1, 3), now)), "renotify": ("renotify", (job_id, now)),
+        "take_finished": ("take_finished", (rng.randint(1, 3), lease, now)), "renotify": ("renotify", (job_id, now)),
+        "notified": ("notified", (job_id, now)), "resume": ("resume", (now - rng.choice([0.5, 20.0, 45.0]), now)),
         "counts": ("counts", (now,)),
         # Never equal to -1: answers the work counter at once, which must move alike in both stores.
         "wait_for_work": ("wait_for_work", (-1, 0.0, now)),
@@ -408,3 +409,20 @@ async def test_a_burst_beyond_the_connection_pool_waits_for_a_connection(redis_u
         assert answers == [None] * 500
     finally:
         await backend.aclose()
+
+
+async def test_an_outage_moves_the_leases_of_its_own_prefix_only(redis_url):
+    """`resume` finds slot keys by pattern: a prefix with glob characters must not reach another prefix's keys."""
+    base = f"test-{uuid.uuid4().hex}"
+    globbed = RedisBackend(redis_url, 3600.0, max_attempts=2, prefix=f"{base}*")
+    other = RedisBackend(redis_url, 3600.0, max_attempts=2, prefix=f"{base}-other")  # what `*` would match
+    capped, now = Limits(rate_per_minute=100, max_concurrent=1), 1_700_000_000.0
+    try:
+        assert (await other.admit("alice", capped, "s1", 10.0, now)).allowed
+        assert (await globbed.admit("alice", capped, "s2", 10.0, now)).allowed
+        await globbed.resume(now, now + 100.0)
+        assert (await other.admit("alice", capped, "s3", 10.0, now + 11.0)).allowed  # its lease ran as it was
+        assert (await globbed.admit("alice", capped, "s4", 10.0, now + 101.0)).reason == "concurrency"  # moved
+    finally:
+        await globbed.aclose()
+        await other.aclose()

@@ -18,7 +18,7 @@ from tests.fakes import FakeEngine, SlowEngine, make_services
 KEY = {"X-API-Key": "local-each-key"}
 DOC_INPUT = {"image": data_uri(), "top_p": "1", "prompt": "Are you allowed to swim here?",
              "max_tokens": "6", "temperature": "0.2"}
-FAST = JobsConfig(lease_s=3.0, runner_retry_s=0.01, reap_interval_s=0.1)
+FAST = JobsConfig(lease_s=3.0, outage_after_s=1.0, runner_retry_s=0.01, reap_interval_s=0.1)
 
 
 def client_for(engine, tmp_path=None, rate=600, concurrent=10, runner=True):

@@ -23,7 +23,7 @@ from tests.fakes import FakeEngine, SlowEngine, make_services
 
 APP = "/fal-ai/llavav15-13b"
 AUTH = {"Authorization": f"Key {LOCAL_KEY}"}
-FAST = JobsConfig(lease_s=3.0, runner_retry_s=0.01, reap_interval_s=0.1)
+FAST = JobsConfig(lease_s=3.0, outage_after_s=1.0, runner_retry_s=0.01, reap_interval_s=0.1)
 
 
 def body(**kw):
@@ -488,7 +488,7 @@ def test_a_webhook_still_being_retried_when_the_replica_stops_goes_back_to_the_s
             while not rx.calls and time.monotonic() < deadline:
                 time.sleep(0.05)
         store = client.app.state.services.store
-        again = asyncio.run(store.take_finished())
+        again = asyncio.run(store.take_finished(60.0))
     finally:
         rx.close()
     assert len(rx.calls) == 1 and [job.id for job in again] == [rid]  # another runner will deliver it

@@ -23,7 +23,7 @@ from tests.wire_fuzz import fuzz_wire
 
 MAX_EXAMPLES = 200
 FAL_KEY = "fuzz-fal-key-1"
-FAST = JobsConfig(lease_s=3.0, runner_retry_s=0.01, reap_interval_s=0.1)
+FAST = JobsConfig(lease_s=3.0, outage_after_s=1.0, runner_retry_s=0.01, reap_interval_s=0.1)
 
 
 class ShortFake(FakeEngine):

@@ -105,3 +105,38 @@ def test_stopping_at_the_completion_does_not_cancel_the_finished_call():
     chunks, done = asyncio.run(until_completion())
     assert chunks == ["a", "b"] and done == ITEMS[-1]
     assert not response.cancelled  # no cancellation round trip for a call that had ended
+
+
+class Checked:
+    """A replica's health check as a handle call: fails while `dead`."""
+
+    def __init__(self):
+        self.dead, self.calls = True, 0
+
+    async def remote(self):
+        self.calls += 1
+        if self.dead:
+            raise ActorDiedError()
+
+
+def test_a_replica_that_died_under_a_call_makes_the_engine_unready_until_one_answers():
+    """The controller counts a killed replica as running until its next health check; the ingress, which saw it
+    die, says not ready at once, and ready again once a replica answers."""
+    handle = FakeHandle(FakeResponse(ITEMS[:1], ActorDiedError()))
+    handle.check_health = Checked()
+    engine = HandleEngine(handle)
+    engine._running_replicas = lambda: 1  # what the controller says all along
+
+    async def main():
+        await engine.check_health()  # nothing died yet: the controller's word, no replica call
+        assert handle.check_health.calls == 0
+        with pytest.raises(EngineUnavailable):
+            await drain(engine)
+        with pytest.raises(EngineUnavailable, match="died"):
+            await engine.check_health()
+        handle.check_health.dead = False  # the replacement answers
+        await engine.check_health()
+        await engine.check_health()
+        return handle.check_health.calls
+
+    assert asyncio.run(main()) == 2  # asked until it answered, then the controller again

@@ -13,7 +13,7 @@ from serve.jobs.runner import JobRunner, drain_budget_s
 from tests.conftest import data_uri
 from tests.fakes import FakeEngine, SlowEngine, make_services
 
-FAST = JobsConfig(lease_s=3.0, runner_retry_s=0.01, reap_interval_s=0.1)
+FAST = JobsConfig(lease_s=3.0, outage_after_s=1.0, runner_retry_s=0.01, reap_interval_s=0.1)
 
 
 def fal_job(owner="alice", cap=10, **inp) -> Job:
@@ -273,9 +273,9 @@ class RemoteLikeStore:
     def __getattr__(self, name):
         op = getattr(self._store, name)
 
-        async def call(*args):
+        async def call(*args, **kwargs):
             await asyncio.sleep(0.003)
-            return await op(*args)
+            return await op(*args, **kwargs)
 
         return call
 

@@ -33,7 +33,7 @@ def client(tmp_path, reads: ReadsConfig, engine=None) -> TestClient:
     services = make_services(engine or FakeEngine(), keys(tmp_path))
     services = Services.build(services.config.model_copy(update={"reads": reads}), services.engine, services.store)
     executors = {"fal": FalExecutor(services), "eachlabs": EachlabsExecutor(services)}
-    runner = JobRunner(services.store, "runner-1", executors, JobsConfig(lease_s=3.0, runner_retry_s=0.01))
+    runner = JobRunner(services.store, "runner-1", executors, JobsConfig(lease_s=3.0, outage_after_s=1.5, runner_retry_s=0.01))
     return TestClient(create_app(services, runner))
 
 

@@ -23,11 +23,12 @@ def public_coroutines(cls: type) -> set[str]:
 
 def test_the_protocol_lists_every_operation():
     assert STORE_OPERATIONS == ("admit", "renew", "release", "enqueue", "get", "claim", "heartbeat", "log",
-                                "finish", "requeue", "cancel", "reap", "take_finished", "renotify", "counts",
-                                "wait_for_work")
+                                "finish", "requeue", "cancel", "reap", "take_finished", "notified", "renotify",
+                                "counts", "resume", "wait_for_work")
     assert public_coroutines(StoreBackend) == set(STORE_OPERATIONS)
-    # The facade offers each operation under the same name (adding the clock, and slot ids), and closes.
-    assert public_coroutines(JobStore) == {*STORE_OPERATIONS, "aclose"}
+    # The facade offers each operation under the same name (adding the clock, and slot ids), and closes; it
+    # sends `resume` itself, before its first call after an outage.
+    assert public_coroutines(JobStore) == {*STORE_OPERATIONS, "aclose"} - {"resume"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda cls: cls.__name__)

@@ -33,7 +33,7 @@ APP = "/fal-ai/llavav15-13b"
 FAL = {"Authorization": f"Key {LOCAL_KEY}", "Content-Type": "application/json"}
 EACH = {"X-API-Key": "local-each-key", "Content-Type": "application/json"}
 OPENAI = {"Authorization": f"Bearer {LOCAL_KEY}", "Content-Type": "application/json"}
-FAST = JobsConfig(lease_s=3.0, runner_retry_s=0.01, reap_interval_s=0.1)
+FAST = JobsConfig(lease_s=3.0, outage_after_s=1.0, runner_retry_s=0.01, reap_interval_s=0.1)
 IMAGE = data_uri()
 BIG_BAD_IMAGE = "data:image/png;base64," + "A" * 200_000  # not an image, and too long to echo
 

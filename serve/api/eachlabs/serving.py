@@ -127,8 +127,10 @@ class EachlabsExecutor:
             inp, request_id=job.id, owner=job.owner, image=image)
         return await run_job(self._services, job, inp.image, build, log)
 
-    def finished(self, job: Job) -> None:
+    def finished(self, job: Job) -> bool:
         url, payload = job.meta.get("webhook_url"), webhook_payload(job)
         if url and payload is not None:
             secret = job.meta.get("webhook_secret")
             send_webhook(self._services, job, url, payload, {"X-Webhook-Secret": secret} if secret else {})
+            return True
+        return False

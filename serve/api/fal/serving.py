@@ -227,6 +227,8 @@ class FalExecutor:
         build = _build(job.id, job.owner, inp, stream=True)
         return await run_job(self._services, job, inp.image_url, build, log)
 
-    def finished(self, job: Job) -> None:
+    def finished(self, job: Job) -> bool:
         if url := job.meta.get("webhook_url"):
             send_webhook(self._services, job, url, webhook_payload(job))
+            return True
+        return False
