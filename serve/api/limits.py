@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -14,6 +15,8 @@ from serve.auth import Caller
 from serve.jobs.models import WINDOW_S, Admission, LimitExceeded, StoreUnavailable
 from serve.jobs.store import JobStore
 
+
+log = logging.getLogger(__name__)
 
 RENEW_RETRY_S = 0.5  # how soon a sync request's slot renewal is tried again after a store error
 
@@ -60,7 +63,8 @@ async def admitted(store: JobStore, caller: Caller, lease_s: float) -> AsyncIter
 
     async def renew() -> None:
         # Through a store outage the slot is renewed again as soon as the store answers: its lease stands
-        # still meanwhile (docs/faults.md), so the request goes on.
+        # still meanwhile (docs/faults.md), so the request goes on. Any other failure is retried too: a renewer
+        # that died would let the slot lapse under a running request, and the key exceed its cap.
         while True:
             await asyncio.sleep(lease_s / 3)
             while True:
@@ -68,7 +72,10 @@ async def admitted(store: JobStore, caller: Caller, lease_s: float) -> AsyncIter
                     await store.renew(caller.name, adm.slot, lease_s)
                     break
                 except StoreUnavailable:
-                    await asyncio.sleep(min(RENEW_RETRY_S, lease_s / 10))
+                    pass
+                except Exception:
+                    log.exception("renewing the concurrency slot of a %s request failed; retrying", caller.name)
+                await asyncio.sleep(min(RENEW_RETRY_S, lease_s / 10))
 
     renewer = asyncio.create_task(renew())
     try:

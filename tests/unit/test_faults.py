@@ -243,3 +243,26 @@ def test_a_sync_request_goes_on_through_an_outage_longer_than_its_lease():
         return "done"
 
     assert admitting(body, renew_failures=10**6, lease_s=0.3) == "done"
+
+
+def test_a_sync_requests_renewer_survives_an_unexpected_failure():
+    async def main():
+        backend = MemoryStore(3600.0, 2)
+        calls = []
+        real_renew = backend.renew
+
+        async def flaky(*args):
+            calls.append(args)
+            if len(calls) == 1:
+                raise RuntimeError("a bug, not an outage")
+            return await real_renew(*args)
+
+        backend.renew = flaky
+        store = JobStore(backend)
+        caller = Caller(name="alice", limits=Limits(rate_per_minute=600, max_concurrent=1))
+        async with admitted(store, caller, 0.3):
+            await asyncio.sleep(1.0)  # renewals every 0.1 s: the first fails, the rest go on
+            return len(calls), await store.admit("alice", caller.limits, 0.3)
+
+    renewals, second = asyncio.run(main())
+    assert renewals >= 3 and second.reason == "concurrency"  # the slot held all along
