@@ -102,7 +102,8 @@ class Ingress:
     def __init__(self, cfg: ServeConfig, llm_handle):
         configure_logging(cfg.telemetry.log_level, cfg.telemetry.log_format)
         self._services = Services.build(cfg, HandleEngine(llm_handle), build_store(cfg))
-        # The replica's id is also its actor's name: a job's runner ("<replica id>#<claim>") names the replica running it.
+        # The replica's id is also its actor's name: a job's runner ("<replica id>#<claim>") names the replica
+        # running it.
         self._runner_id = serve.get_replica_context().replica_id.to_full_id_str()
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -1,5 +1,6 @@
-"""Readiness (the engine and the job store), cached: /readyz is probed by every kubelet and load balancer, and may be flooded by anyone who
-reaches the port; one engine health check per `ingress.readiness_cache_s` answers them all (docs/operations.md)."""
+"""Readiness (the engine and the job store), cached: /readyz is probed by every kubelet and load balancer, and
+may be flooded by anyone who reaches the port; one check per `ingress.readiness_cache_s` answers them all
+(docs/operations.md)."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -163,13 +164,12 @@ class JobRunner:
                 # Idle, or full: sleep until the store says work may be claimable (a job queued, a slot
                 # freed), one of our jobs ends its work, the next reap, or the stop; no polling meanwhile.
                 seen = await self._idle(seen, max(0.0, next_reap - loop.time()))
-            except StoreUnavailable as exc:
-                self._outage.began(exc)
+            except Exception as exc:
+                if isinstance(exc, StoreUnavailable):
+                    self._outage.began(exc)
+                else:
+                    log.exception("job runner: unexpected failure; retrying")
                 with contextlib.suppress(asyncio.TimeoutError):  # or end at once when stopping
-                    await asyncio.wait_for(self._stopping.wait(), self._cfg.runner_retry_s)
-            except Exception:
-                log.exception("job runner: unexpected failure; retrying")
-                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self._cfg.runner_retry_s)
             else:
                 self._outage.ended()
@@ -225,20 +225,21 @@ class JobRunner:
                     self._outage.began(exc)
             self._free(job.id)  # its capacity, now: not once the outcome is recorded
             try:
-                result, error = work.result(), None
+                outcome = functools.partial(self._store.finish, job.id, run, result=work.result())
             except asyncio.CancelledError:
-                result, error = None, CANCELLED
+                outcome = functools.partial(self._store.finish, job.id, run, error=CANCELLED)
             except EngineUnavailable as exc:
                 # The engine died under the job (docs/faults.md): back to the queue for the replacement, once;
                 # a job that loses its engine every time it runs fails with this error.
                 log.warning("job runner: the engine failed under %s (%s); handing it back to the queue", job.id, exc)
-                await self._give_back(job, run, JobError(kind=FailureKind.UNAVAILABLE, message=ENGINE_LOST))
-                return
+                lost = JobError(kind=FailureKind.UNAVAILABLE, message=ENGINE_LOST)
+                outcome = functools.partial(self._store.requeue, job.id, run, lost)
             except Exception as exc:
-                result, error = None, classify(exc)  # each API renders it from its table when read
+                # Each API renders the failure from its table when read.
+                outcome = functools.partial(self._store.finish, job.id, run, error=classify(exc))
             # Refused when the lease was lost: the job is re-queued, and whoever ends it queues it. Retried
             # through a store outage: a finished generation is recorded, never thrown away and run again.
-            if await self._record(lambda: self._store.finish(job.id, run, result=result, error=error)):
+            if await self._record(outcome):
                 await self._announce()  # now, not at the next reap: webhooks go as soon as jobs end
         except asyncio.CancelledError:
             # The replica is stopping and the drain is over: the lease expires and another runner takes over.
@@ -250,11 +251,6 @@ class JobRunner:
         finally:
             self._active.pop(job.id, None)
             self._free(job.id)
-
-    async def _give_back(self, job: Job, run: str, error: JobError) -> None:
-        """Re-queue a job this runner could not finish (its attempts allowing; else it fails with `error`)."""
-        if await self._record(lambda: self._store.requeue(job.id, run, error)):
-            await self._announce()
 
     async def _log(self, job_id: str, run: str, message: str) -> None:
         # A job's log line is not worth failing or holding up the job for: a store that does not take it soon

@@ -133,15 +133,22 @@ class Load:
             self.jobs[job_id] = Tracked(api, time.monotonic())
         return job_id
 
+    def _read(self, job: Tracked, op: str, url: str, **kwargs) -> requests.Response | None:
+        """A status read; None when it tells nothing yet (no answer, a 5xx) or the job is lost (a 404)."""
+        resp = self.call(job.api, op, "GET", url, **kwargs)
+        if resp is None or resp.status_code >= 500:
+            return None
+        if resp.status_code == 404:
+            job.lost = f"{op.rsplit(' ', 1)[1]} 404"
+            return None
+        return resp
+
     def poll_once(self, rid: str, job: Tracked) -> None:
         """One status read, as the clients poll; records the job's end when it has one."""
         if job.api == "fal":
-            resp = self.call("fal", "fal status", "GET", f"{self.base}/queue{APP}/requests/{rid}/status",
-                             params={"logs": "1"}, headers=FAL)
-            if resp is None or resp.status_code >= 500:
-                return
-            if resp.status_code == 404:
-                job.lost = "status 404"
+            resp = self._read(job, "fal status", f"{self.base}/queue{APP}/requests/{rid}/status",
+                              params={"logs": "1"}, headers=FAL)
+            if resp is None:
                 return
             status = resp.json()
             if status["status"] != "COMPLETED":
@@ -158,11 +165,8 @@ class Load:
             job.tokens = result.json()["stats"]["num_output_tokens"]
             job.final = "succeeded"
         else:
-            resp = self.call("eachlabs", "eachlabs get", "GET", f"{self.base}/v1/prediction/{rid}", headers=EACH)
-            if resp is None or resp.status_code >= 500:
-                return
-            if resp.status_code == 404:
-                job.lost = "get 404"
+            resp = self._read(job, "eachlabs get", f"{self.base}/v1/prediction/{rid}", headers=EACH)
+            if resp is None:
                 return
             got = resp.json()
             if got["status"] == "success":
