@@ -107,6 +107,13 @@ tiny-model: $(TINY)/config.json
 $(TINY)/config.json: $(STAMP) serve/engine/tiny_model.py
 	$(VENV)/bin/llava-serve tiny-model $(TINY)
 
+# The RayService's layout (k8s/rayservice.yaml) as separate Ray nodes on this machine, the tiny model in place of
+# the real one: placement and every node's proxy checked, then it serves until Ctrl-C (docs/kubernetes.md,
+# "Rehearsing the layout on one machine"). tests/multinode adds a node's loss and a drain.
+.PHONY: rehearse
+rehearse: install tiny-model redis-server
+	$(PY) tools/multinode.py
+
 # Locust: a short headless load on a local stack, judged by loadtest/check.py (LOADTEST_ARGS: see
 # `loadtest/smoke.py --help`); and llava-serve against bare `vllm serve`, side by side. Results: loadtest/results/.
 .PHONY: loadtest bench

@@ -1,4 +1,4 @@
-"""The llava-serve command line: run, check, render-k8s, tiny-model and capacity (main() builds the parser)."""
+"""The llava-serve command line: run, check, render-k8s, tiny-model, capacity and accept (main() builds the parser)."""
 
 from __future__ import annotations
 
@@ -167,6 +167,33 @@ def _cmd_capacity(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _cmd_accept(args: argparse.Namespace) -> int:
+    import json
+
+    from serve import accept
+
+    try:
+        listen = accept.parse_listen(args.webhook_listen) if args.webhook_listen else None
+        opts = accept.Options(
+            url=args.url, key=args.key, second_key=args.second_key, webhook_listen=listen,
+            webhook_url=args.webhook_url or (accept.default_webhook_url(listen) if listen else None),
+            metrics_url=args.metrics_url, load_seconds=args.load_seconds, concurrency=args.concurrency,
+            load_requests=args.load_requests, max_tokens=args.max_tokens, timeout=args.timeout,
+            min_ratio=args.min_ratio, config=Path(args.config))
+    except ValueError as exc:
+        print(f"accept: {exc}", file=sys.stderr)
+        return 2
+    if not args.json:
+        print(accept.header(opts.url), flush=True)
+    try:
+        report = accept.run(opts, (lambda c: None) if args.json else (lambda c: print(accept.row(c), flush=True)))
+    except ValueError as exc:  # the webhook receiver cannot listen
+        print(f"accept: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_json(), indent=2) if args.json else "\n".join(accept.footer(report)))
+    return 0 if report.ok else 1
+
+
 DIST = "llava-serve"  # pyproject.toml [project] name
 CONFIG_HELP = "a config YAML, e.g. configs/local-cpu.yaml; docs/configuration.md lists every field"
 PROD = "configs/llava-1.5-13b-l40s.yaml"
@@ -176,8 +203,9 @@ PROD_CHECK = f"{ENV_KEYS_FILE}=configs/keys.local.yaml llava-serve check {PROD}"
 DESCRIPTION = """\
 llava-serve serves LLaVA-1.5 (an image and a prompt in, text out) behind fal's and Eachlabs' APIs and an
 OpenAI-compatible route, on Ray Serve with vLLM as the engine. One YAML config describes the whole
-deployment: 'run' serves it on a local Ray, 'check' validates it without starting anything, and the
-other commands write the Kubernetes manifest's Serve config, the tiny test model, and a capacity plan."""
+deployment: 'run' serves it on a local Ray, 'check' validates it without starting anything, 'accept'
+checks a live deployment end to end, and the other commands write the Kubernetes manifest's Serve config,
+the tiny test model, and a capacity plan."""
 
 EPILOG = f"""\
 examples:
@@ -211,6 +239,71 @@ def _env_overrides() -> str:
 def _subcommand(sub, name: str, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=description, epilog=epilog,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _production_config() -> str:
+    """The production config, relative to where the command runs when it is below it (as help shows it)."""
+    prod = capacity.PRODUCTION_CONFIG
+    return str(prod.relative_to(Path.cwd()) if prod.is_relative_to(Path.cwd()) else prod)
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is not above 0")
+        return value
+    return parse
+
+
+def _accept_parser(sub) -> None:
+    from dataclasses import fields
+
+    from serve.accept import CHECK_ADMISSIONS, Options
+
+    d = argparse.Namespace(**{f.name: f.default for f in fields(Options)})
+    p = _subcommand(
+        sub, "accept", "check a live deployment end to end and measure a short load",
+        "Exercise a running deployment at URL with KEY, over plain HTTP, and print one row per check:\n"
+        "health and readiness; fal run, stream, queue (submit, status, result, cancel) and webhooks; Eachlabs\n"
+        "create, poll, cancel and webhooks; OpenAI models and chat completions; a wrong key's 401; the rate-limit\n"
+        "headers; /metrics; then a short streamed load whose TTFT, output tokens/s and requests/s are compared\n"
+        "with what the capacity model gives one L40S replica (docs/capacity.md). Exits 1 if any check fails.\n\n"
+        f"Budget: the checks spend {CHECK_ADMISSIONS} of KEY's rate, the load at most --load-requests more and\n"
+        f"never more than the key has left, at most --concurrency at once: {CHECK_ADMISSIONS + d.load_requests} "
+        f"of the default 60 a minute\nand {d.concurrency} of 10 at once, so one run fits one key. The window is a "
+        "rolling minute: a run right\nafter another gets a smaller load. Use a key of its own, not one clients "
+        "use.\ndocs/operations.md, 'Acceptance check', says what each row proves.",
+        "examples:\n"
+        "  llava-serve accept --url https://llava.example.com --key KEY\n"
+        "  llava-serve accept --url http://127.0.0.1:8000 --key local-test-key --second-key local-each-key\n"
+        "  llava-serve accept --url URL --key KEY --webhook-listen 10.0.0.5:9000 --min-ratio 0.5 --json",
+    )
+    p.add_argument("--url", required=True, help="the deployment's base URL, as clients reach it")
+    p.add_argument("--key", required=True, help="an API key of its keys file (never printed)")
+    p.add_argument("--second-key", help="another key: admitted before and after the first key's checks, to show "
+                   "the keys' rate windows are separate (2 of its admissions)")
+    p.add_argument("--webhook-listen", metavar="HOST:PORT", help="receive the fal and Eachlabs webhooks here "
+                   "(skipped without it); the deployment must reach it and its SSRF guard admit it")
+    p.add_argument("--webhook-url", help="the receiver as the deployment reaches it (default http://HOST:PORT)")
+    p.add_argument("--metrics-url", help="a Prometheus endpoint to scrape, e.g. a Ray pod's http://POD:8080/metrics "
+                   "(skipped without it); the API port's own /metrics is always reported")
+    p.add_argument("--load-seconds", type=_positive(float), default=d.load_seconds,
+                   help=f"how long the load starts requests (default {d.load_seconds:g})")
+    p.add_argument("--concurrency", type=_positive(int), default=d.concurrency,
+                   help=f"load requests in flight at once, at most the key's cap (default {d.concurrency})")
+    p.add_argument("--load-requests", type=_positive(int), default=d.load_requests,
+                   help=f"the most load requests (default {d.load_requests}; fewer if the key has fewer left)")
+    p.add_argument("--max-tokens", type=_positive(int), default=d.max_tokens,
+                   help=f"output tokens per load request (default {d.max_tokens})")
+    p.add_argument("--timeout", type=_positive(float), default=d.timeout,
+                   help=f"seconds any one call, poll or webhook may take (default {d.timeout:g})")
+    p.add_argument("--min-ratio", type=_positive(float), help="fail when measured output tokens/s or requests/s "
+                   "is under this share of the model's (default: report the ratios only)")
+    p.add_argument("--config", default=_production_config(),
+                   help="the deployment's config, for the capacity model (default: the production config)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=_cmd_accept)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,8 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "  llava-serve capacity --rps 6 --output-tokens 300\n"
         f"  llava-serve capacity {PROD} --json",
     )
-    p.add_argument("config", nargs="?", default=str(capacity.PRODUCTION_CONFIG.relative_to(Path.cwd()))
-                   if capacity.PRODUCTION_CONFIG.is_relative_to(Path.cwd()) else str(capacity.PRODUCTION_CONFIG),
+    p.add_argument("config", nargs="?", default=_production_config(),
                    help="the config to size and check (default: the production config)")
     p.add_argument("--rps", type=float, default=d.rps, help=f"workload requests per second (default {d.rps:g})")
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens,
@@ -296,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-k8s", action="store_true", help="check the config only")
     p.add_argument("--json", action="store_true", help="print the figures and problems as JSON")
     p.set_defaults(func=_cmd_capacity)
+    _accept_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

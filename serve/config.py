@@ -85,6 +85,13 @@ class AutoscalingConfig(_Strict):
     )
     upscale_delay_s: float = Field(30.0, ge=0, description="Sustained demand needed before adding replicas.")
     downscale_delay_s: float = Field(600.0, ge=0, description="Sustained idleness needed before removing replicas.")
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="With min_replicas 0: sustained idleness needed before the last replica goes "
+        "(None = downscale_delay_s)."
+    )
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Window over which Serve averages the ongoing requests a decision is made on."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
@@ -121,7 +128,7 @@ class DeploymentConfig(_Strict):
         if self.autoscaling is None:
             opts["num_replicas"] = self.num_replicas
         else:
-            opts["autoscaling_config"] = self.autoscaling.model_dump()
+            opts["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
         return opts
 
 
@@ -138,10 +145,31 @@ class EngineDeploymentConfig(DeploymentConfig):
         "ingress replica by ingress.max_ongoing_requests plus jobs.runner_max_parallel (docs/architecture.md, "
         "\"Where requests wait\").",
     )
+    queue_poll_s: float = Field(
+        2.0, gt=0, description="With autoscaling: how often the engine's autoscaling policy (in Serve's controller) "
+        "reads how many jobs wait in the job store; they count as demand beside the requests Serve sees "
+        "(docs/autoscaling.md)."
+    )
+    cold_start_wait_s: float = Field(
+        30.0, gt=0, description="With autoscaling.min_replicas 0: how long a sync or streamed request waits for a "
+        "resting engine to start before it is answered 503 with Retry-After (queued jobs wait in the store "
+        "instead, as long as their start timeout allows: docs/autoscaling.md)."
+    )
+
+    def rests(self) -> bool:
+        """Whether the engine may rest at 0 replicas (autoscaling.min_replicas 0)."""
+        return self.autoscaling is not None and self.autoscaling.min_replicas == 0
 
 
 class IngressConfig(DeploymentConfig):
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per ingress replica.")
+
+    @model_validator(mode="after")
+    def _never_rests(self) -> IngressConfig:
+        if self.autoscaling is not None and self.autoscaling.min_replicas == 0:
+            # The job runners live in the ingress replicas: at 0 no queued job would ever start.
+            raise ValueError("ingress.autoscaling.min_replicas must be at least 1 (the job runners live there)")
+        return self
     max_ongoing_requests: int = Field(
         256, gt=0, description="HTTP requests one ingress replica holds at once (they mostly await the engine)."
     )
@@ -395,7 +423,8 @@ class StoreConfig(_Strict):
     )
     redis_url: str | None = Field(
         None, description="Redis URL, required when backend is redis. Redis' password (AUTH) comes from the "
-        "environment of the ingress replicas, LLAVA_SERVE_REDIS_PASSWORD, so it need not be written here (a "
+        "environment of the ingress replicas and of Serve's controller (the engine's autoscaling policy reads the "
+        "queue), LLAVA_SERVE_REDIS_PASSWORD, so it need not be written here (a "
         "password in the URL wins)."
     )
     result_ttl_s: float = Field(3600.0, gt=0, description="How long finished job results stay readable.")

@@ -43,6 +43,7 @@ Two configs ship with the repository:
 | File | What |
 |---|---|
 | `configs/local-cpu.yaml` | the embedded default (`make serve`): local Ray, vLLM's CPU build, the tiny model |
+| `configs/local-autoscale.yaml` | the embedded stack with the engine autoscaling 1–2 replicas on short delays, to watch (docs/autoscaling.md) |
 | `configs/llava-1.5-13b-l40s.yaml` | production: LLaVA-1.5-13B on L40S GPUs, autoscaling, Redis |
 
 `llava-serve check CONFIG` validates a config end to end without starting anything (`make check` runs it on

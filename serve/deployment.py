@@ -11,6 +11,8 @@ from serve.config import ServeConfig
 
 ENGINE_DEPLOYMENT = "LLMServer"
 INGRESS_DEPLOYMENT = "Ingress"
+# The engine's autoscaling policy, imported by Serve's controller by this name (docs/autoscaling.md).
+ENGINE_POLICY = "serve.autoscaling:QueueAwarePolicy"
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
@@ -19,6 +21,9 @@ def deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
     engine = cfg.engine_deployment.serve_options()
     engine["ray_actor_options"]["runtime_env"] = {"env_vars": dict(cfg.engine.env)}
     engine["max_ongoing_requests"] = cfg.engine_max_ongoing_requests()
+    if "autoscaling_config" in engine:
+        # Queued jobs count as demand too (docs/autoscaling.md): the store's queue is invisible to Serve.
+        engine["autoscaling_config"]["policy"] = engine_policy(cfg)
     ingress = cfg.ingress.serve_options()
     ingress["max_ongoing_requests"] = cfg.ingress.max_ongoing_requests
     for opts in (engine, ingress):
@@ -29,6 +34,19 @@ def deployment_options(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
             # The development console (serve/telemetry/console.py): the replicas' Serve INFO lines stay off it.
             opts["logging_config"]["log_level"] = "WARNING"
     return {ENGINE_DEPLOYMENT: engine, INGRESS_DEPLOYMENT: ingress}
+
+
+def engine_policy(cfg: ServeConfig) -> dict[str, Any]:
+    """The engine's `autoscaling_config.policy`: the policy, and what it needs to read the store, as JSON."""
+    return {
+        "policy_function": ENGINE_POLICY,
+        "policy_kwargs": {
+            "store": cfg.store.model_dump(mode="json"),
+            "app_name": cfg.app_name,
+            "max_attempts": cfg.jobs.max_attempts,
+            "poll_s": cfg.engine_deployment.queue_poll_s,
+        },
+    }
 
 
 def ray_env(cfg: ServeConfig) -> dict[str, str]:

@@ -101,12 +101,15 @@ class Ingress:
 
     def __init__(self, cfg: ServeConfig, llm_handle):
         configure_logging(cfg.telemetry.log_level, cfg.telemetry.log_format)
-        self._services = Services.build(cfg, HandleEngine(llm_handle), build_store(cfg))
+        resting = cfg.engine_deployment.cold_start_wait_s if cfg.engine_deployment.rests() else None
+        self._engine = HandleEngine(llm_handle, resting)
+        self._services = Services.build(cfg, self._engine, build_store(cfg))
         # The replica's id is also its actor's name: a job's runner ("<replica id>#<claim>") names the replica
         # running it.
         self._runner_id = serve.get_replica_context().replica_id.to_full_id_str()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         executors = {"fal": FalExecutor(self._services), "eachlabs": EachlabsExecutor(self._services)}
-        runner = JobRunner(self._services.store, self._runner_id, executors, self._services.config.jobs)
+        runner = JobRunner(self._services.store, self._runner_id, executors, self._services.config.jobs,
+                           engine_awake=self._engine.awake)
         return create_app(self._services, runner)

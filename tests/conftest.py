@@ -28,7 +28,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # no known kind stops the collection, and so does, on a plain `pytest`, a folder of tests that `testpaths`
 # lacks. A new kind goes here, into pyproject's `markers` and into its `testpaths`
 # (tests/unit/test_markers.py checks the three agree with the folders).
-TEST_KINDS = ("unit", "deploy", "integration", "tls", "faults", "image", "multinode", "gpu", "hostile")
+TEST_KINDS = ("unit", "deploy", "integration", "tls", "faults", "autoscaling", "image", "multinode", "gpu",
+              "hostile")
 TESTS = Path(__file__).resolve().parent
 
 

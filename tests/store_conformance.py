@@ -126,6 +126,21 @@ class StoreConformance:
         await store.cancel(jobs[2].id, "carol")
         assert await store.counts() == {"queued": 1, "running": 0}  # ended jobs are neither
 
+    async def test_startable_counts_queued_jobs_up_to_each_owners_room(self, store, clock):
+        assert await store.startable() == 0
+        # alice: 3 queued, cap 2 (2 could start); bob: 1 queued, cap 2, one slot held by a sync request (1).
+        for j in [job("alice", cap=2) for _ in range(3)] + [job("bob", cap=2)]:
+            await store.enqueue(j, L, cap_pending=False)
+        bob_slot = await store.admit("bob", Limits(rate_per_minute=100, max_concurrent=2), LEASE)
+        assert bob_slot.allowed
+        assert await store.startable() == 3
+        await store.claim("r1", LEASE)  # alice's first: 2 queued, one slot left
+        assert await store.startable() == 2
+        await store.claim("r1", LEASE)  # alice's second: at her cap
+        assert await store.startable() == 1
+        clock.advance(LEASE + 1)  # every slot's lease lapsed (nobody renewed): alice's last and bob's could start
+        assert await store.startable() == 2
+
     async def test_claim_skips_owners_at_their_cap(self, store):
         a1, a2, b1 = job("alice", cap=1), job("alice", cap=1), job("bob", cap=1)
         for j in (a1, a2, b1):

@@ -6,6 +6,7 @@ every kind, so a new kind cannot fall through to a silent default (docs/architec
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 from fastapi import HTTPException, Request, Response
@@ -35,8 +36,12 @@ Answers = Mapping[FailureKind, Answer]
 
 
 def render(answers: Answers, error: JobError, inp: Mapping[str, Any] | None = None) -> ApiError:
-    """A failure (of a request, or stored with a job) in the API's shape: its kind's answer."""
-    return answers[error.kind](error, inp)
+    """A failure (of a request, or stored with a job) in the API's shape: its kind's answer, with Retry-After
+    when the failure says when a retry may succeed (a resting engine starting: docs/autoscaling.md)."""
+    err = answers[error.kind](error, inp)
+    if error.retry_after_s is not None:
+        err.headers.setdefault("Retry-After", str(max(1, math.ceil(error.retry_after_s))))
+    return err
 
 
 def answer(answers: Answers, exc: BaseException, inp: Mapping[str, Any] | None = None) -> ApiError:

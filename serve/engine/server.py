@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import ray
@@ -15,7 +16,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from serve.config import ServeConfig
 from serve.engine.types import (
-    Completion, EngineInputError, EngineUnavailable, GenerationRequest, ServedEngine, StartTimeout, StreamItem, coalesce,
+    Completion, EngineInputError, EngineUnavailable, EngineWaking, GenerationRequest, ServedEngine, StartTimeout,
+    StreamItem, coalesce,
 )
 
 EngineFactory = Callable[[ServeConfig], ServedEngine]
@@ -113,22 +115,55 @@ def _own_actor() -> Any:
     return ray.get_runtime_context().current_actor
 
 
-class HandleEngine:
-    """The `Engine` interface over a DeploymentHandle to LLMServer."""
+# How long the count of running engine replicas is reused when the engine may rest at 0 (`HandleEngine.awake`).
+AWAKE_CACHE_S = 1.0
+# Deployment states in which no replica will serve until someone intervenes (Serve's DeploymentStatus).
+_BROKEN = ("UNHEALTHY", "DEPLOY_FAILED")
 
-    def __init__(self, handle):
+
+class HandleEngine:
+    """The `Engine` interface over a DeploymentHandle to LLMServer. `cold_start_wait_s`, set when the engine may
+    rest at 0 replicas (docs/autoscaling.md): how long a call made while none runs waits for one to start."""
+
+    def __init__(self, handle, cold_start_wait_s: float | None = None, clock: Callable[[], float] = time.monotonic):
         self._handle = handle
         self._streaming = handle.options(stream=True)
         self._lost = False  # a replica died under a call, and no replica has answered one since
         # This replica's own actor, which each call carries: the engine aborts the calls of a caller that died.
         self._caller = _own_actor()
+        self._cold_start_wait_s, self._clock = cold_start_wait_s, clock
+        self._state: tuple[float, tuple[str, int]] | None = None  # (when, the deployment's state) for awake()
+
+    async def awake(self) -> bool:
+        """Whether an engine replica runs (always, for an engine that never rests). While none does, the job
+        runners claim nothing: queued jobs stay queued, where the autoscaling policy counts them and starts one."""
+        if self._cold_start_wait_s is None:
+            return True
+        return (await self._deployment_state())[1] > 0
+
+    async def _deployment_state(self) -> tuple[str, int]:
+        """(status, running replicas) of the engine deployment, from Serve's controller, reused AWAKE_CACHE_S."""
+        if self._state is None or self._clock() - self._state[0] >= AWAKE_CACHE_S:
+            self._state = (self._clock(), await asyncio.to_thread(self._ask_controller))
+        return self._state[1]
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
         if self._caller is not None:
             request = dataclasses.replace(request, caller=self._caller)
+        # At rest, the call itself starts a replica (Serve's controller starts one for a call waiting at 0);
+        # its first item is waited for at most cold_start_wait_s, then the caller is told when to retry.
+        waking = not await self.awake()
         response = self._streaming.generate.remote(request)
         finished = False
         try:
+            if waking:
+                try:
+                    first = await asyncio.wait_for(anext(response), self._cold_start_wait_s)
+                except TimeoutError:
+                    raise EngineWaking(f"the engine is starting (none ran; waited {self._cold_start_wait_s:g} s)",
+                                       retry_after_s=self._cold_start_wait_s) from None
+                finished = isinstance(first, Completion)
+                yield first
             async for item in response:
                 # The completion is the stream's last item: a consumer that stops at it (collect does) ends
                 # a finished call, which must not cost a cancellation round trip to the replica.
@@ -151,6 +186,13 @@ class HandleEngine:
                 response.cancel()
 
     async def check_health(self) -> None:
+        if self._cold_start_wait_s is not None:
+            # May rest at 0: ready whether a replica runs or not (queue jobs are taken and wait; sync requests
+            # wake it), unless the deployment is broken. Never a call to a replica, which would wake it.
+            status, _ = await self._deployment_state()
+            if status in _BROKEN:
+                raise EngineUnavailable(f"the engine deployment is {status}")
+            return
         if self._lost:
             # A replica died under a call: the controller counts it as running until its next health check (up
             # to health_check_period_s + timeout), so ask a replica itself until one answers (docs/faults.md).
@@ -161,11 +203,13 @@ class HandleEngine:
             self._lost = False
         # Ask Serve's controller, which health-checks every replica, rather than calling a replica:
         # a call would queue behind a full batch and make a busy engine look dead.
-        running = await asyncio.to_thread(self._running_replicas)
+        _, running = await asyncio.to_thread(self._ask_controller)
         if running == 0:
             raise EngineUnavailable("no healthy engine replica")
 
-    def _running_replicas(self) -> int:
+    def _ask_controller(self) -> tuple[str, int]:
         app = serve.status().applications.get(self._handle.app_name)
         deployment = app.deployments.get(self._handle.deployment_name) if app else None
-        return deployment.replica_states.get("RUNNING", 0) if deployment else 0
+        if deployment is None:
+            return "NOT_FOUND", 0
+        return getattr(deployment.status, "value", str(deployment.status)), deployment.replica_states.get("RUNNING", 0)

@@ -53,6 +53,15 @@ class EngineUnavailable(RuntimeError):
     """The engine is dead or unreachable; the request may succeed later or elsewhere."""
 
 
+class EngineWaking(EngineUnavailable):
+    """The engine rests at 0 replicas and did not start within the wait a sync request gets: retry after
+    `retry_after_s` (docs/autoscaling.md)."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class StartTimeout(Exception):
     """The request did not start generating before the caller's start deadline."""
 

@@ -102,6 +102,7 @@ def classify(exc: BaseException) -> JobError:
         return JobError(kind=FailureKind.LIMITED, message=f"{exc.admission.reason} limit", admission=exc.admission)
     for cls, kind in _KINDS:
         if isinstance(exc, cls):
-            return JobError(kind=kind, message=_SAFE_MESSAGES.get(kind) or str(exc))
+            return JobError(kind=kind, message=_SAFE_MESSAGES.get(kind) or str(exc),
+                            retry_after_s=getattr(exc, "retry_after_s", None))
     log.error("unexpected failure", exc_info=exc)
     return JobError(kind=FailureKind.INTERNAL, message=INTERNAL_MESSAGE)

@@ -354,3 +354,11 @@ class MemoryStore:
     async def counts(self, now: float) -> dict[str, int]:
         running = sum(1 for job in self._jobs.values() if job.status == JobStatus.RUNNING)
         return {"queued": len(self._scores), "running": running}
+
+    async def startable(self, now: float) -> int:
+        total = 0
+        for owner, queue in self._owner_queues.items():
+            if queue:
+                _, slots = self._prune(owner, now)
+                total += min(len(queue), max(0, self._jobs[next(iter(queue))].max_concurrent - len(slots)))
+        return total

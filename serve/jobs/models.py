@@ -133,6 +133,7 @@ class JobError(BaseModel):
     message: str = Field(description="Safe to show the caller: says what was wrong, never internals.")
     problems: list[Problem] = Field(default_factory=list, description="validation: each field's problem.")
     admission: Admission | None = Field(None, description="limited: the refused decision (for its headers).")
+    retry_after_s: float | None = Field(None, description="unavailable: when a retry may succeed (Retry-After).")
 
 
 CANCELLED = JobError(kind=FailureKind.CANCELLED, message="Cancelled.")

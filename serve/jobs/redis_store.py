@@ -748,6 +748,28 @@ return {redis.call('ZCARD', key('queue')), redis.call('ZCARD', key('running'))}
         queued, running = await self._run(self._COUNTS)
         return {"queued": int(queued), "running": int(running)}
 
+    # Reads only: slots past their lease are not counted (score <= now), rather than pruned.
+    _STARTABLE = """
+local total, after = 0, '-inf'
+repeat
+  local page = redis.call('ZRANGEBYSCORE', key('owners'), after, '+inf', 'WITHSCORES', 'LIMIT', 0, 100)
+  for i = 1, #page, 2 do
+    local owner = page[i]
+    after = '(' .. page[i + 1]
+    local id = redis.call('ZRANGE', key('queue', owner), 0, 0)[1]
+    local cap = id and tonumber(redis.call('HGET', key('job', id), 'max_concurrent'))
+    if cap then
+      local room = cap - redis.call('ZCOUNT', key('slots', owner), '(' .. args.now, '+inf')
+      total = total + math.max(0, math.min(redis.call('ZCARD', key('queue', owner)), room))
+    end
+  end
+until #page == 0
+return total
+"""
+
+    async def startable(self, now: float) -> int:
+        return int(await self._run(self._STARTABLE, now=now))
+
     # -- waiting for work -----------------------------------------------------------------
 
     async def wait_for_work(self, seen: int, timeout_s: float, now: float) -> int:

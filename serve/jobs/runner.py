@@ -93,8 +93,10 @@ class Outage:
 
 
 class JobRunner:
-    def __init__(self, store: JobStore, runner_id: str, executors: dict[str, Executor], cfg: JobsConfig):
+    def __init__(self, store: JobStore, runner_id: str, executors: dict[str, Executor], cfg: JobsConfig,
+                 engine_awake: Callable[[], Awaitable[bool]] | None = None):
         self._store = store
+        self._engine_awake = engine_awake  # False while the engine rests at 0 replicas: claim nothing then
         self._id = runner_id
         self._executors = executors
         self._cfg = cfg
@@ -152,6 +154,12 @@ class JobRunner:
                     await self._announce()
                     metrics().job_counts(**await self._store.counts())
                 self._freed.clear()
+                if self._engine_awake is not None and not await self._engine_awake():
+                    # The engine rests at 0 replicas: queued jobs stay queued (and say so to their owners) until
+                    # the autoscaling policy, which counts them, has started one (docs/autoscaling.md).
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), self._cfg.runner_retry_s)
+                    continue
                 if len(self._working) < self._cfg.runner_max_parallel and not self._stopping.is_set():
                     # One name per claim ("<replica>#<n>"): a call retried through an outage about one run of a
                     # job can never act on a later run of the same job by this runner (docs/faults.md).

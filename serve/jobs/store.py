@@ -104,6 +104,11 @@ class StoreBackend(Protocol):
     async def counts(self, now: float) -> dict[str, int]:
         """Jobs queued and running, all owners (for the metrics)."""
 
+    async def startable(self, now: float) -> int:
+        """Queued jobs that could start now: each owner's queued jobs, up to the room its concurrency cap leaves
+        (the cap of its first queued job, as `claim` reads it). The demand an engine replica more could serve;
+        jobs queued behind their key's cap are not (the engine's autoscaling policy: docs/autoscaling.md)."""
+
     async def resume(self, since: float, now: float) -> None:
         """A caller could not reach the store from `since` until `now`: nobody could renew a lease meanwhile, so
         every lease (running jobs', slots') moves on by that time, less what an earlier `resume` already covered
@@ -194,6 +199,9 @@ class JobStore:
 
     async def counts(self) -> dict[str, int]:
         return await self._call("counts")
+
+    async def startable(self) -> int:
+        return await self._call("startable")
 
     async def wait_for_work(self, seen: int, timeout_s: float) -> int:
         return await self._call("wait_for_work", seen, timeout_s)

@@ -514,7 +514,7 @@ def secret_refs(c: dict) -> dict[str, tuple[str, str]]:
             if (ref := (e.get("valueFrom") or {}).get("secretKeyRef"))}
 
 
-def test_redis_takes_its_password_from_the_secret_and_only_the_ingress_pods_share_it(objects, rayservice, prod):
+def test_redis_takes_its_password_from_the_secret_and_only_its_clients_share_it(objects, rayservice, prod):
     redis = redis_container(objects)
     refs = secret_refs(redis)
     assert refs["REDIS_PASSWORD"] == refs["REDISCLI_AUTH"]  # the server's and the readiness probe's
@@ -524,11 +524,13 @@ def test_redis_takes_its_password_from_the_secret_and_only_the_ingress_pods_shar
     script = redis["args"][-1]
     assert redis["command"] == ["sh", "-c"] and '--requirepass "$REDIS_PASSWORD"' in script
     assert '"$(redis-cli ping)" = PONG' in redis["readinessProbe"]["exec"]["command"][-1]  # NOAUTH is not ready
-    # The ingress replicas, the store's only clients, get the same one, under the name the store reads; the
-    # store's URL holds none.
+    # The store's clients get the same one, under the name the store reads: the ingress replicas, and the head,
+    # where Serve's controller runs the engine's autoscaling policy, which reads the queue (docs/autoscaling.md).
+    # The GPU workers never; the store's URL holds none.
     groups = ray_groups(rayservice)
-    assert secret_refs(container(groups["cpu-ingress"]))[ENV_REDIS_PASSWORD] == (name, key)
-    assert all(ENV_REDIS_PASSWORD not in secret_refs(container(groups[g])) for g in ("head", "gpu-l40s"))
+    for group in ("cpu-ingress", "head"):
+        assert secret_refs(container(groups[group]))[ENV_REDIS_PASSWORD] == (name, key)
+    assert ENV_REDIS_PASSWORD not in secret_refs(container(groups["gpu-l40s"]))
     assert urlsplit(prod.store.redis_url).password is None
     # No manifest sets a password in clear.
     for o in objects:

@@ -27,6 +27,12 @@ RATE_KEY, RATE_LIMIT = "tests-rate-key-1", 30
 CONC_KEY, CONC_LIMIT = "tests-conc-key-1", 3
 SOLO_KEY = "tests-solo-key-1"  # one request at a time: start timeouts, slots held by streams
 SHARED_KEY, SHARED_LIMIT = "tests-shared-key-1", 3  # one budget across fal, Eachlabs and OpenAI
+# `llava-serve accept` (test_accept_live.py): production's default limits, which one run must fit, and a second
+# key whose window must stay its own.
+ACCEPT_KEYS = [
+    {"key": "tests-accept-1", "name": "tests-accept", "rate_per_minute": 60, "max_concurrent": 10},
+    {"key": "tests-accept-2", "name": "tests-accept-2", "rate_per_minute": 60, "max_concurrent": 10},
+]
 LOAD_KEYS = [
     {"key": "tests-load-fal-1", "name": "tests-load-fal", "rate_per_minute": 60, "max_concurrent": 10},
     {"key": "tests-load-burst-1", "name": "tests-load-burst", "rate_per_minute": 600, "max_concurrent": 32},
@@ -43,6 +49,7 @@ TEST_KEYS = [
     {"key": SHARED_KEY, "name": "tests-shared", "rate_per_minute": SHARED_LIMIT, "max_concurrent": 10},
     # The Locust smoke (test_loadtest_live.py): production's default limits, and one key with room.
     *LOAD_KEYS,
+    *ACCEPT_KEYS,
 ]
 
 

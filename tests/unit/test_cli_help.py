@@ -4,7 +4,7 @@ import pytest
 
 from serve.cli import main
 
-COMMANDS = ("run", "check", "render-k8s", "tiny-model", "capacity")
+COMMANDS = ("run", "check", "render-k8s", "tiny-model", "capacity", "accept")
 
 
 def help_of(capsys, *argv: str) -> str:

@@ -125,7 +125,7 @@ def test_a_replica_that_died_under_a_call_makes_the_engine_unready_until_one_ans
     handle = FakeHandle(FakeResponse(ITEMS[:1], ActorDiedError()))
     handle.check_health = Checked()
     engine = HandleEngine(handle)
-    engine._running_replicas = lambda: 1  # what the controller says all along
+    engine._ask_controller = lambda: ("HEALTHY", 1)  # what the controller says all along
 
     async def main():
         await engine.check_health()  # nothing died yet: the controller's word, no replica call

@@ -25,6 +25,9 @@ FORBIDDEN = {
     # RayService needs nothing else: `make k8s` runs from a venv without Ray or vLLM (.venv-k8s).
     "serve.deployment": ("serve.api", "serve.jobs", "serve.auth", "serve.engine", "serve.media", "serve.net",
                          "serve.telemetry", "serve.webhooks", "serve.ingress", "serve.app", "serve.k8s", "serve.cli"),
+    # The acceptance check is a client of a deployment, over HTTP: it runs nothing of the service.
+    "serve.accept": ("serve.api", "serve.jobs", "serve.auth", "serve.engine", "serve.media", "serve.net",
+                     "serve.telemetry", "serve.webhooks", "serve.ingress", "serve.app", "serve.k8s"),
     "serve.k8s": ("serve.api", "serve.jobs", "serve.auth", "serve.engine", "serve.media", "serve.net",
                   "serve.telemetry", "serve.webhooks", "serve.ingress", "serve.app", "serve.cli"),
 }

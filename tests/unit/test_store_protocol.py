@@ -24,7 +24,7 @@ def public_coroutines(cls: type) -> set[str]:
 def test_the_protocol_lists_every_operation():
     assert STORE_OPERATIONS == ("admit", "renew", "release", "enqueue", "get", "claim", "heartbeat", "log",
                                 "finish", "requeue", "cancel", "reap", "take_finished", "notified", "renotify",
-                                "counts", "resume", "wait_for_work")
+                                "counts", "startable", "resume", "wait_for_work")
     assert public_coroutines(StoreBackend) == set(STORE_OPERATIONS)
     # The facade offers each operation under the same name (adding the clock, and slot ids), and closes; it
     # sends `resume` itself, before its first call after an outage.
