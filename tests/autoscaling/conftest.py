@@ -18,7 +18,7 @@ RUNNER_MAX_PARALLEL = 4
 TARGET = 8
 # Serve's handles and replicas report their requests every 10 s (its metrics_interval_s): a shorter look-back
 # than that sees nothing new.
-SCALING = {"upscale_delay_s": 2, "downscale_delay_s": 8, "look_back_period_s": 12}
+SCALING = {"upscale_delay_s": 2, "downscale_delay_s": 5, "look_back_period_s": 12}
 
 
 def autoscale_data(model_dir, keys_dir) -> dict:

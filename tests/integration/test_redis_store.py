@@ -109,7 +109,8 @@ async def test_an_unreachable_redis_is_store_unavailable():
 
 
 OPS = ["admit", "renew", "release", "enqueue", "enqueue", "get", "claim", "claim", "heartbeat", "log", "finish",
-       "requeue", "cancel", "reap", "take_finished", "notified", "renotify", "counts", "resume", "wait_for_work"]
+       "requeue", "cancel", "reap", "take_finished", "notified", "renotify", "counts", "startable", "resume",
+       "wait_for_work"]
 
 
 def random_call(rng: random.Random, now: float, slots: list[tuple[str, str]], jobs: list[str]) -> tuple[str, tuple]:
@@ -147,6 +148,7 @@ def random_call(rng: random.Random, now: float, slots: list[tuple[str, str]], jo
         "take_finished": ("take_finished", (rng.randint(1, 3), lease, now)), "renotify": ("renotify", (job_id, now)),
         "notified": ("notified", (job_id, now)), "resume": ("resume", (now - rng.choice([0.5, 20.0, 45.0]), now)),
         "counts": ("counts", (now,)),
+        "startable": ("startable", (now,)),
         # Never equal to -1: answers the work counter at once, which must move alike in both stores.
         "wait_for_work": ("wait_for_work", (-1, 0.0, now)),
     }.get(op, ("reap", (now,)))
