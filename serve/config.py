@@ -163,13 +163,6 @@ class EngineDeploymentConfig(DeploymentConfig):
 
 class IngressConfig(DeploymentConfig):
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per ingress replica.")
-
-    @model_validator(mode="after")
-    def _never_rests(self) -> IngressConfig:
-        if self.autoscaling is not None and self.autoscaling.min_replicas == 0:
-            # The job runners live in the ingress replicas: at 0 no queued job would ever start.
-            raise ValueError("ingress.autoscaling.min_replicas must be at least 1 (the job runners live there)")
-        return self
     max_ongoing_requests: int = Field(
         256, gt=0, description="HTTP requests one ingress replica holds at once (they mostly await the engine)."
     )
@@ -178,6 +171,13 @@ class IngressConfig(DeploymentConfig):
         1.0, ge=0, description="How long one /readyz answer is reused: probes arriving meanwhile (and while a check "
         "is under way) share it, so a flood of probes costs one engine health check per interval (0 = every probe)."
     )
+
+    @model_validator(mode="after")
+    def _never_rests(self) -> IngressConfig:
+        if self.autoscaling is not None and self.autoscaling.min_replicas == 0:
+            # The job runners live in the ingress replicas: at 0 no queued job would ever start.
+            raise ValueError("ingress.autoscaling.min_replicas must be at least 1 (the job runners live there)")
+        return self
 
 
 class HttpConfig(_Strict):
