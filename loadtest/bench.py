@@ -474,6 +474,8 @@ def our_config(base: Path, tmp: Path, keys: Path, proxy: str, redis_url: str | N
     if source.exists():  # a relative path, to a file that moves
         data["model"]["source"] = str(source.resolve())
     data["auth"]["keys_file"] = str(keys)
+    # As with the keys file: the benchmark measures serving, not the per-key read budget (its polls go past it).
+    data["reads"] = {"per_second": 10.0**9, "burst": 10**9}
     data["http"]["proxy"] = proxy
     data["http"]["public_base_url"] = url
     if redis_url:
