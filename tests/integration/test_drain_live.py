@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -96,7 +97,20 @@ def serving_stack(stack, stack_config):
     wait_serving(stack, stack_config.app_name)
 
 
-def test_a_redeploy_lets_in_flight_sync_generations_finish(serving_stack, stack_config):
+def redeploy_retrying(cfg, failed: list[str]) -> None:
+    """`redeploy`, tried again after a ValueError from `serve.run`. Twice in CI, never in a developer's run of the
+    same tests, `serve.run` called here (from a worker thread, while this test polls `serve.status()`) raised
+    one and the old replicas still ran 240 s later: nothing had been replaced. Each such failure is kept,
+    traceback and all, and printed in the run's summary, until its cause is known."""
+    for _ in range(3):
+        try:
+            return redeploy(cfg)
+        except ValueError as exc:
+            failed.append("".join(traceback.format_exception(exc)))
+    raise AssertionError("serve.run failed three times:\n" + "\n".join(failed))
+
+
+def test_a_redeploy_lets_in_flight_sync_generations_finish(serving_stack, stack_config, report_cost):
     app = stack_config.app_name
     old = ingress_replicas(app)
     assert len(old) == 2
@@ -105,19 +119,23 @@ def test_a_redeploy_lets_in_flight_sync_generations_finish(serving_stack, stack_
         # then through the redeploy until Serve is seen stopping a replica. How many that takes depends on the
         # machine (a redeploy restarts the engine too, and a fast machine runs through some 1.5 calls a
         # second meanwhile), so only time bounds it.
-        calls, deploying, in_flight_at_stop = [], None, None
+        calls, deploying, in_flight_at_stop, failed = [], None, None, []
         deadline = time.monotonic() + 240
         while in_flight_at_stop is None:
             assert time.monotonic() < deadline, (len(calls), deploying, {r: ongoing(r) for r in old})
             if sum(not c.done() for c in calls) < 3:
                 calls.append(pool.submit(generate, serving_stack))
             if deploying is None and all(ongoing(r) >= 1 for r in old):
-                deploying = pool.submit(redeploy, stack_config)
+                deploying = pool.submit(redeploy_retrying, stack_config, failed)
+            if deploying is not None and deploying.done():
+                deploying.result()  # a redeploy that failed says why, instead of a wait that runs out
             if deploying is not None and replica_states(app, INGRESS_DEPLOYMENT).get("STOPPING"):
                 in_flight_at_stop = sum(not c.done() for c in calls)
             time.sleep(0.05)
         answers = [c.result() for c in calls]
         deploying.result(timeout=300)
+    for failure in failed:
+        report_cost(f"drain redeploy: serve.run raised, tried again: {failure}")
 
     # Serve stopped a replica while generations were in flight, and every one still answered in full.
     assert in_flight_at_stop >= 1
