@@ -284,7 +284,10 @@ def serving(cluster, timeout_s: float) -> dict[str, list[str]]:
         time.sleep(1)
 
 
-DRAIN_TOKENS = 512  # a few seconds each: jobs start and end all through the drain
+# Jobs start every second all through the drain, and each must outlast the one-second margin `on_old` leaves
+# before the stop: at the tiny model's fastest (about 1,000 tokens a second) 512 did not (CI: the last one
+# on the old replica ended a second before it stopped). 2,000 are 2-8 s of work, under fal's 2,048.
+DRAIN_TOKENS = 2000
 
 
 def test_an_engine_node_drained_finishes_its_generations_first(cluster, report_cost):
