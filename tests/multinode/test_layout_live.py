@@ -311,7 +311,7 @@ def test_an_engine_node_drained_finishes_its_generations_first(cluster, report_c
     seen = watch(cluster, old_replica, 240)
     submits.stop()
     runs = sync.stop()
-    ends = ended(base, jobs, 180)  # the jobs queued while no engine ran: tens of 2,000-token jobs on one CPU engine
+    ends = ended(base, jobs, 180)  # DRAIN_TOKENS says why 180 s
     final = records(cluster, jobs)
     stopping = next(t for t, state, _ in seen if state in ("STOPPING", "gone"))
     replaced = next(t for t, _, others in seen if others)  # its replacement RUNNING

@@ -16,7 +16,7 @@ import bench  # noqa: E402
 
 def test_the_bench_runs_the_shipped_config_in_production_layout_without_per_key_limits(tmp_path):
     keys = tmp_path / "keys.yaml"
-    keys.write_text("- {key: bench-key-not-limited, name: bench}\n")
+    keys.write_text(f"- {{key: {bench.KEY}, name: bench}}\n")
     path = bench.our_config(CONFIGS / "local-cpu.yaml", tmp_path, keys, "haproxy", "redis://127.0.0.1:6390/0",
                             "http://127.0.0.1:8123")
     cfg = load_config(path, env={})
