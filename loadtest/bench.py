@@ -64,6 +64,7 @@ import workload  # noqa: E402
 
 from serve.api.chat import TEMPLATE_PATH  # noqa: E402
 from serve.config import load_config  # noqa: E402
+from serve.deployment import ray_env  # noqa: E402
 from serve.engine.vllm_engine import engine_arg_values  # noqa: E402
 
 CONFIG = stack.ROOT / "configs" / "local-cpu.yaml"
@@ -745,8 +746,9 @@ def main() -> int:
         olog = stack_.enter_context(open(args.out / "llava-serve.log", "w"))
         vllm_url = f"http://127.0.0.1:{vllm_port}"
         vllm_proc = stack_.enter_context(stack.process(cmd, f"{vllm_url}/health", "vllm serve", env=env, log=vlog))
-        our_url = stack_.enter_context(stack.llava_serve(ours_cfg, our_port, keys, log=olog))
         cfg = load_config(ours_cfg, env={})
+        # Production's environment in every process, `llava-serve run`'s own too (the RayService sets it on every pod).
+        our_url = stack_.enter_context(stack.llava_serve(ours_cfg, our_port, keys, log=olog, env=ray_env(cfg)))
         procs = Procs(cfg.app_name, find_session(str(ours_cfg)), os.getsid(vllm_proc.pid), args.proxy,
                       int(redis_url.rsplit(":", 1)[1].split("/")[0]) if redis_url else None)
         from transformers import AutoTokenizer

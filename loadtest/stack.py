@@ -54,9 +54,10 @@ def process(cmd: list[str], ready_url: str, what: str, env: dict | None = None, 
 
 
 @contextlib.contextmanager
-def llava_serve(config: Path, port: int, keys_file: Path | None = None, log=None):
-    """`llava-serve run CONFIG` on 127.0.0.1:PORT; yields its base URL once /readyz says the engine runs."""
-    env = {"PORT": str(port), "RAY_USAGE_STATS_ENABLED": "0"}
+def llava_serve(config: Path, port: int, keys_file: Path | None = None, log=None, env: dict | None = None):
+    """`llava-serve run CONFIG` on 127.0.0.1:PORT, with `env` added to its environment; yields its base URL
+    once /readyz says the engine runs."""
+    env = {**(env or {}), "PORT": str(port), "RAY_USAGE_STATS_ENABLED": "0"}
     if keys_file:
         env["LLAVA_SERVE_KEYS_FILE"] = str(keys_file)
     url = f"http://127.0.0.1:{port}"

@@ -1,9 +1,12 @@
 """Production's ingress (`http.proxy: haproxy`): Ray's HAProxy and Serve's throughput mode, through
-`llava-serve run` on its own local Ray (the rest of the suite's stack runs Serve's own proxy).
+`llava-serve run` on its own local Ray (the rest of the suite's stack runs Serve's own proxy), with
+production's environment (`ray_env`) in every process, `llava-serve run`'s own included, as the RayService
+sets it on every Ray pod: the process that builds the application decides how its handles call.
 
 fal's Python client runs a queue job (submit, status polls, result) and a sync run through HAProxy, with
-a wide image: its decoded pixels, more than gRPC's default 4 MiB message, travel to the engine by gRPC. Sync
-requests whose clients hang up stop generating within a second, measured by vLLM's own token counters.
+a wide image, and sync and streamed runs with a full-HD photo: decoded pixels of more than gRPC's 4 MiB
+message cap, which reach the engine by reference (docs/architecture.md, "Engine"). Sync requests whose
+clients hang up stop generating within a second, measured by vLLM's own token counters.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import yaml
 from PIL import Image
 
 from serve.config import parse_config
+from serve.deployment import ray_env
 from serve.engine.tiny_model import IMAGE_SEQ_LENGTH
 from tests.conftest import CONFIGS, LOCAL_KEY, ROOT, data_uri, free_port
 from tests.integration.conftest import exchange
 
 sys.path.insert(0, str(ROOT / "loadtest"))
 import stack as loadtest_stack  # noqa: E402
+import workload  # noqa: E402
 
 APP = "fal-ai/llavav15-13b"
 
@@ -44,9 +49,10 @@ def haproxy_stack(tiny_model_dir, tmp_path_factory):
     data["telemetry"]["metrics_report_interval_s"] = 0.5  # vLLM's counters on /metrics within half a second
     config = work / "haproxy.yaml"
     config.write_text(yaml.safe_dump(data))
-    assert parse_config(data, CONFIGS, env={}).http.proxy == "haproxy"
+    cfg = parse_config(data, CONFIGS, env={})
+    assert cfg.http.proxy == "haproxy"
     with open(work / "server.log", "w") as log, \
-            loadtest_stack.llava_serve(config, port, CONFIGS / "keys.local.yaml", log=log) as url:
+            loadtest_stack.llava_serve(config, port, CONFIGS / "keys.local.yaml", log=log, env=ray_env(cfg)) as url:
         yield url
 
 
@@ -75,6 +81,22 @@ def test_a_queue_job_and_a_sync_run_through_haproxy(fal, haproxy_stack):
     assert any(isinstance(u, fal_client.Completed) for u in updates)  # status polls answered through HAProxy
     ran = fal.run(APP, arguments=args)
     assert ran["stats"] == out["stats"]
+
+
+def full_hd_photo() -> str:
+    """A 1920x1080 JPEG: not reduced by the intake (its short edge is under 2 x 672), so its 6.2 MB of
+    pixels go to the engine as they are."""
+    return workload.data_uri(workload.photo((1920, 1080), 1))
+
+
+@pytest.mark.parametrize("path", ["", "/stream"])
+def test_a_full_hd_photo_is_answered_through_haproxy(haproxy_stack, path):
+    body = {"prompt": "What is in this picture?", "image_url": full_hd_photo(), "max_new_tokens": 8}
+    r = requests.post(f"{haproxy_stack}/{APP}{path}", json=body, headers={"Authorization": f"Key {LOCAL_KEY}"},
+                      timeout=120)
+    assert r.status_code == 200, r.text[:500]
+    last = json.loads([line for line in r.text.splitlines() if line.startswith("data:")][-1][5:]) if path else r.json()
+    assert last["partial"] is False and last["stats"]["num_output_tokens"] == 8
 
 
 def test_bad_input_keeps_the_apis_shape_through_haproxy(haproxy_stack):
