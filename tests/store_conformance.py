@@ -556,6 +556,22 @@ class StoreConformance:
         assert [t.id for t in await store.take_finished(LEASE)] == [j.id]
         assert await store.counts() == {"queued": 0, "running": 0}
 
+    async def test_a_job_asked_to_cancel_that_finishes_first_ends_cancelled(self, store):
+        # Its owner was answered 202 / 200 (docs/api.md §2.5.5, §3.4): its runner hears of it at the next
+        # heartbeat, which a short job ends before; its result must not pass for the outcome asked for.
+        done, failed = job(notify=True), job()
+        for j in (done, failed):
+            await store.enqueue(j, L, cap_pending=False)
+            await store.claim("r1", LEASE)
+            assert await store.cancel(j.id, "alice") == CancelOutcome.REQUESTED
+        assert await store.finish(done.id, "r1", result=RESULT)
+        assert await store.finish(failed.id, "r1", error=ENGINE_LOST)
+        for j in (done, failed):
+            ended = await store.get(j.id, "alice")
+            assert ended.status == JobStatus.CANCELLED and ended.error.kind == "cancelled" and ended.result is None
+        assert [t.id for t in await store.take_finished(LEASE)] == [done.id]  # announced, as any end
+        assert await store.counts() == {"queued": 0, "running": 0}
+
     async def test_requeue_changes_nothing_unless_the_job_runs_on_that_runner(self, store, clock):
         queued, other, ended, reaped = job(), job(), job(), job()
         for j in (ended, other, reaped, queued):

@@ -255,7 +255,10 @@ class MemoryStore:
         job = self._running(job_id, runner)
         if job is None:
             return False
-        self._terminate(job, final_status(result, error), now, result=result, error=error)
+        if job.cancel_requested:  # its owner was told it would be (docs/api.md §2.5.5), though it ended first
+            self._terminate(job, JobStatus.CANCELLED, now, error=CANCELLED)
+        else:
+            self._terminate(job, final_status(result, error), now, result=result, error=error)
         return True
 
     async def requeue(self, job_id: str, runner: str, error: JobError, now: float) -> bool:

@@ -589,7 +589,11 @@ if running_by(args.id, args.runner) then redis.call('RPUSH', key('logs', args.id
 local id = args.id
 -- Even past its lease (MemoryStore.finish): nobody else can have it while it is running on this runner.
 if not running_by(id, args.runner) then return 0 end
-terminate(id, args.status, args.now, args.ttl, args.result, args.error)
+if redis.call('HGET', key('job', id), 'cancel_requested') == 'true' then  -- MemoryStore.finish
+  terminate(id, 'cancelled', args.now, args.ttl, nil, CANCELLED)
+else
+  terminate(id, args.status, args.now, args.ttl, args.result, args.error)
+end
 return 1
 """
 
