@@ -209,9 +209,9 @@ class HttpConfig(_Strict):
         "serve",
         description="What answers on host:port. 'serve': Ray Serve's Python HTTP proxy; binds only `host`, TLS "
         "possible. 'haproxy': Ray's HAProxy ingress in Serve's throughput-optimized mode (serve.deployment.ray_env): "
-        "HAProxy forwards to each ingress replica's own HTTP server (the engine calls stay Ray actor calls: "
-        "docs/architecture.md, 'Engine'), for about 3x the requests per second and no throughput lost against "
-        "bare vLLM (loadtest/README.md). No TLS, and the replicas' ports (30000-31000) and HAProxy's stats and "
+        "HAProxy forwards to each ingress replica's own HTTP server and the deployments stream to each other "
+        "over gRPC (docs/architecture.md, 'Engine'), for about 3x the requests per second and no throughput lost "
+        "against bare vLLM (loadtest/README.md). No TLS, and the replicas' ports (30000-31000) and HAProxy's stats and "
         "metrics ports (8404, 9101) listen on every interface: for clusters whose network policy keeps them inside.",
     )
 

@@ -62,4 +62,8 @@ def ray_env(cfg: ServeConfig) -> dict[str, str]:
         # Throughput mode would route replicas' stderr through Serve's logger (a stack walk per write):
         # our JSON lines stay plain stderr lines, as with Serve's proxy.
         "RAY_SERVE_LOG_TO_STDERR": "1",
+        # Throughput mode sends a request to the engine replica by gRPC in one message, whose default cap
+        # (4 MiB) a full-HD photo's decoded pixels exceed: room for the largest image the intake admits and
+        # for all the rest of a request, which a body bounds (docs/architecture.md, "Engine").
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(3 * cfg.media.max_image_pixels + cfg.http.max_body_bytes),
     }

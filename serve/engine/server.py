@@ -127,10 +127,7 @@ class HandleEngine:
 
     def __init__(self, handle, cold_start_wait_s: float | None = None, clock: Callable[[], float] = time.monotonic):
         self._handle = handle
-        # By reference: Ray actor calls, the image's pixels through Ray's object store. Serve's throughput mode
-        # would otherwise send them by gRPC, whose 4 MiB message cap a full-HD photo's pixels exceed (a 500);
-        # the default follows the environment of whichever process built the app (docs/architecture.md).
-        self._streaming = handle.options(stream=True, _by_reference=True)
+        self._streaming = handle.options(stream=True)
         self._lost = False  # a replica died under a call, and no replica has answered one since
         # This replica's own actor, which each call carries: the engine aborts the calls of a caller that died.
         self._caller = _own_actor()

@@ -4,9 +4,9 @@ production's environment (`ray_env`) in every process, `llava-serve run`'s own i
 sets it on every Ray pod: the process that builds the application decides how its handles call.
 
 fal's Python client runs a queue job (submit, status polls, result) and a sync run through HAProxy, with
-a wide image, and sync and streamed runs with a full-HD photo: decoded pixels of more than gRPC's 4 MiB
-message cap, which reach the engine by reference (docs/architecture.md, "Engine"). Sync requests whose
-clients hang up stop generating within a second, measured by vLLM's own token counters.
+a wide image, and sync and streamed runs with a full-HD photo: decoded pixels of more than gRPC's default
+4 MiB message cap, which `ray_env` raises (docs/architecture.md, "Engine"). Sync requests whose clients hang
+up stop generating within a second, measured by vLLM's own token counters.
 """
 
 from __future__ import annotations

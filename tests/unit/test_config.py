@@ -95,6 +95,21 @@ def test_only_the_haproxy_ingress_changes_rays_environment():
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
 
 
+def test_the_haproxy_ingress_lets_the_largest_admitted_image_reach_the_engine():
+    # One gRPC message per request to the engine replica (docs/architecture.md, "Engine"): its cap follows
+    # the intake's pixel cap (RGB, 3 bytes a pixel) and the body cap (everything else a request carries).
+    from serve.deployment import ray_env
+
+    data = _raw()
+    data["http"].update(proxy="haproxy", public_base_url="https://llava.example.com")
+    for pixels in (40_000_000, 100_000_000):
+        data.setdefault("media", {})["max_image_pixels"] = pixels
+        data["media"]["decode_memory_bytes"] = 20 * pixels
+        cfg = parse_config(data, CONFIGS, env={})
+        cap = int(ray_env(cfg)["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"])
+        assert cap >= 3 * pixels + cfg.http.max_body_bytes > 4 * 1024 * 1024
+
+
 # --- http.public_base_url ----------------------------------------------------------------------------------
 
 
