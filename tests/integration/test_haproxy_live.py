@@ -89,13 +89,10 @@ def full_hd_photo() -> str:
     return workload.data_uri(workload.photo((1920, 1080), 1))
 
 
-@pytest.mark.parametrize("path", ["", "/stream"])
-def test_a_full_hd_photo_is_answered_through_haproxy(haproxy_stack, path):
-    body = {"prompt": "What is in this picture?", "image_url": full_hd_photo(), "max_new_tokens": 8}
-    r = requests.post(f"{haproxy_stack}/{APP}{path}", json=body, headers={"Authorization": f"Key {LOCAL_KEY}"},
-                      timeout=120)
-    assert r.status_code == 200, r.text[:500]
-    last = json.loads([line for line in r.text.splitlines() if line.startswith("data:")][-1][5:]) if path else r.json()
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+def test_a_full_hd_photo_is_answered_through_haproxy(fal, stream):
+    args = {"prompt": "What is in this picture?", "image_url": full_hd_photo(), "max_new_tokens": 8}
+    last = list(fal.stream(APP, arguments=args))[-1] if stream else fal.run(APP, arguments=args)  # raises on non-2xx
     assert last["partial"] is False and last["stats"]["num_output_tokens"] == 8
 
 

@@ -103,8 +103,7 @@ def test_the_haproxy_ingress_lets_the_largest_admitted_image_reach_the_engine():
     data = _raw()
     data["http"].update(proxy="haproxy", public_base_url="https://llava.example.com")
     for pixels in (40_000_000, 100_000_000):
-        data.setdefault("media", {})["max_image_pixels"] = pixels
-        data["media"]["decode_memory_bytes"] = 20 * pixels
+        data["media"].update(max_image_pixels=pixels, decode_memory_bytes=20 * pixels)
         cfg = parse_config(data, CONFIGS, env={})
         cap = int(ray_env(cfg)["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"])
         assert cap >= 3 * pixels + cfg.http.max_body_bytes > 4 * 1024 * 1024
